@@ -1,0 +1,294 @@
+"""Base checkpoints, named by one string, loaded without ever touching the network.
+
+- ``tiny:sd15`` / ``tiny:sdxl``: tiny random models built from configs, deterministic, for tests
+  and ``loracord selftest``.
+- ``random:sd15`` / ``random:sdxl``: the full-size architectures with random weights (configs in
+  ``runner/configs``), for GPU benchmarks.
+- a single-file checkpoint (``.safetensors`` as A1111/Civitai ship them) or a diffusers folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .spec import Family
+
+CONFIGS = Path(__file__).parent / "configs"
+CLIP_BPE = CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
+# The real CLIP vocabulary has 49152 - 256 - 2 merges (the rest of the file is unused), as in
+# OpenAI's and open_clip's tokenizers.
+CLIP_NUM_MERGES = 49152 - 256 - 2
+TINY_NUM_MERGES = 1000
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Base:
+    """Everything the trainer and the sampler need from one base checkpoint."""
+
+    name: str
+    family: Family
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection]
+    tokenizers: list[CLIPTokenizer]
+    scheduler_config: dict[str, Any]
+    native_resolution: int
+    model_hash: str = ""  # A1111's short hash: first 10 hex of the file's SHA-256
+    legacy_hash: str = ""  # A1111's old 8-hex hash (kohya's ss_sd_model_hash)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Base:
+        for m in (self.unet, *self.text_encoders):
+            m.to(device=device, dtype=dtype)
+        # The VAE stays in fp32 (or bf16): SDXL's VAE overflows in fp16 and gives black images.
+        vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        self.vae.to(device=device, dtype=vae_dtype)
+        return self
+
+
+# ---- tokenizers ----
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte→character table; transformers keeps it private, so it is restated here.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+@cache
+def _clip_vocab(num_merges: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    lines = gzip.open(CLIP_BPE).read().decode("utf-8").split("\n")[1 : num_merges + 1]
+    merges = tuple(tuple(m.split()) for m in lines)
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return tuple((tok, i) for i, tok in enumerate(vocab)), merges
+
+
+def clip_tokenizer(num_merges: int = CLIP_NUM_MERGES, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """CLIP's BPE tokenizer from the vocabulary file shipped in the package (no download).
+
+    ``num_merges`` below the full count gives the small vocabulary the tiny models use. SDXL's
+    second tokenizer pads with ``!`` instead of ``<|endoftext|>``.
+    """
+    vocab, merges = _clip_vocab(num_merges)
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
+    tok.model_max_length = 77
+    return tok
+
+
+# ---- configs ----
+
+
+def _config(family: str, part: str) -> dict[str, Any]:
+    return json.loads((CONFIGS / family / part / "config.json").read_text())
+
+
+def _scheduler_config() -> dict[str, Any]:
+    return json.loads((CONFIGS / "sd15" / "scheduler" / "scheduler_config.json").read_text())
+
+
+TINY_UNET = {
+    "sd15": dict(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32, use_linear_projection=False,
+    ),
+    "sdxl": dict(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32,
+    ),
+}
+TINY_VAE = dict(
+    block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    sample_size=64,
+)
+
+
+def _tiny_text_config(vocab_size: int, act: str) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, hidden_act=act, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    )
+
+
+def _tiny(family: Family) -> Base:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET[family])
+    vae = AutoencoderKL(**TINY_VAE)
+    tok = clip_tokenizer(TINY_NUM_MERGES)
+    n = len(tok)
+    if family == "sd15":
+        encoders: list = [CLIPTextModel(_tiny_text_config(n, "quick_gelu"))]
+        tokenizers = [tok]
+    else:
+        encoders = [CLIPTextModel(_tiny_text_config(n, "quick_gelu")),
+                    CLIPTextModelWithProjection(_tiny_text_config(n, "gelu"))]
+        tokenizers = [tok, clip_tokenizer(TINY_NUM_MERGES, pad_token="!")]
+    return _finish(Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64),
+                   hash_source=f"tiny:{family}".encode())
+
+
+def _random(family: Family) -> Base:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(_config(family, "unet"))
+    vae = AutoencoderKL.from_config(_config(family, "vae"))
+    te1 = CLIPTextModel(CLIPTextConfig(**_config(family, "text_encoder")))
+    if family == "sd15":
+        encoders: list = [te1]
+        tokenizers = [clip_tokenizer()]
+    else:
+        encoders = [te1, CLIPTextModelWithProjection(CLIPTextConfig(**_config(family, "text_encoder_2")))]
+        tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+    res = 512 if family == "sd15" else 1024
+    return _finish(Base(f"random:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), res),
+                   hash_source=f"random:{family}".encode())
+
+
+def _finish(base: Base, hash_source: bytes) -> Base:
+    digest = hashlib.sha256(hash_source).hexdigest()
+    base.model_hash = base.model_hash or digest[:10]
+    base.legacy_hash = base.legacy_hash or digest[:8]
+    for m in (base.unet, base.vae, *base.text_encoders):
+        m.eval()
+        m.requires_grad_(False)
+    return base
+
+
+# ---- real checkpoints ----
+
+
+def detect_family(path: Path) -> Family:
+    """SD1.5 or SDXL from a single-file checkpoint's keys; anything else is refused by name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            te_shape = None
+            k = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+            if k in keys:
+                te_shape = f.get_slice(k).get_shape()
+            unet_in = "model.diffusion_model.input_blocks.0.0.weight"
+            in_ch = f.get_slice(unet_in).get_shape()[1] if unet_in in keys else None
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModelError(f"{path.name} is not a readable .safetensors checkpoint ({e})") from None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        family: Family = "sdxl"
+    elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        family = "sd15"
+    elif te_shape is not None:
+        raise ModelError(f"{path.name} looks like a Stable Diffusion 2.x checkpoint; only SD1.5 and SDXL are supported")
+    elif any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        raise ModelError(f"{path.name} looks like a Flux checkpoint; Flux is not supported yet")
+    else:
+        raise ModelError(f"{path.name} is not an SD1.5 or SDXL checkpoint (no text encoder keys found); "
+                         "LoRA files and VAEs cannot be used as a base")
+    if in_ch not in (None, 4):
+        raise ModelError(f"{path.name} is an inpainting checkpoint ({in_ch} input channels); use a normal one")
+    return family
+
+
+def _file_hashes(path: Path) -> tuple[str, str]:
+    """A1111's model hash (SHA-256, first 10) and legacy hash (SHA-256 of 64 KiB at 1 MiB, first 8)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    return sha.hexdigest()[:10], legacy
+
+
+def _from_single_file(path: Path) -> Base:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = detect_family(path)
+    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+    kwargs: dict[str, Any] = {"tokenizer": clip_tokenizer()}
+    if family == "sdxl":
+        kwargs["tokenizer_2"] = clip_tokenizer(pad_token="!")
+    else:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = cls.from_single_file(str(path), config=str(CONFIGS / family), local_files_only=True,
+                                torch_dtype=torch.float32, **kwargs)
+    return _from_pipeline(pipe, path.stem, family, *_file_hashes(path))
+
+
+def _from_folder(path: Path) -> Base:
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((path / "model_index.json").read_text())
+    family: Family = "sdxl" if "text_encoder_2" in index else "sd15"
+    kwargs: dict[str, Any] = {}
+    if not (path / "tokenizer").is_dir():
+        kwargs["tokenizer"] = clip_tokenizer()
+    if family == "sdxl" and not (path / "tokenizer_2").is_dir():
+        kwargs["tokenizer_2"] = clip_tokenizer(pad_token="!")
+    if family == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32, **kwargs)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
+    return _from_pipeline(pipe, path.name, family, digest[:10], digest[:8])
+
+
+def _from_pipeline(pipe: Any, name: str, family: Family, model_hash: str, legacy: str) -> Base:
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    res = 512 if family == "sd15" else 1024
+    base = Base(name, family, pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config), res,
+                model_hash=model_hash, legacy_hash=legacy)
+    return _finish(base, hash_source=name.encode())
+
+
+def load_base(name: str) -> Base:
+    """Load a base model on the CPU in fp32; the caller moves it where it trains."""
+    kind, _, arg = name.partition(":")
+    if kind in ("tiny", "random") and arg:
+        if arg not in ("sd15", "sdxl"):
+            raise ModelError(f"unknown family '{arg}' in '{name}': use {kind}:sd15 or {kind}:sdxl")
+        return _tiny(arg) if kind == "tiny" else _random(arg)  # type: ignore[arg-type]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        return _from_folder(path)
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ModelError(f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)")
+        return _from_single_file(path)
+    raise ModelError(f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, "
+                     "a .safetensors checkpoint or a diffusers folder")

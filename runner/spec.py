@@ -1,0 +1,305 @@
+"""The contract between the bot and the GPU side: specs in, events out, all plain JSON.
+
+Every training setting carries kohya sd-scripts' name so that members (and their saved
+configs) can use the words they already know. Validation happens here, once: a spec that
+parses is a spec the runner can train.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Family = Literal["sd15", "sdxl"]
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+OptimizerType = Literal[
+    "AdamW", "AdamW8bit", "Adafactor", "Lion", "DAdaptation", "DAdaptAdam", "Prodigy"
+]
+Precision = Literal["no", "fp16", "bf16"]
+SavePrecision = Literal["float", "fp16", "bf16"]
+SampleSampler = Literal["euler_a", "euler", "ddim", "dpmsolver++", "lms", "heun", "pndm", "unipc"]
+BlockWeights = list[Annotated[float, Field(ge=0.0, le=10.0)]] | Literal[
+    "sine", "cosine", "linear", "reverse_linear", "zeros"
+]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be run; the message is meant for the member who wrote it."""
+
+
+def _describe_error(err: dict[str, Any], fields: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "spec"
+    got = err.get("input")
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(fields), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"unknown setting '{loc}'{hint}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        field = fields.get(str(err["loc"][0]))
+        lo, hi = _bounds(field)
+        rng = f"between {lo} and {hi}" if lo is not None and hi is not None else err["msg"].lower()
+        return f"{loc} must be {rng} (got {got!r})"
+    if kind == "literal_error":
+        return f"{loc} must be one of {ctx.get('expected')} (got {got!r})"
+    return f"{loc}: {err['msg']} (got {got!r})"
+
+
+def _bounds(field: Any) -> tuple[Any, Any]:
+    lo = hi = None
+    for m in getattr(field, "metadata", []) or []:
+        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
+        lo = getattr(m, "gt", None) if getattr(m, "gt", None) is not None else lo
+        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
+        hi = getattr(m, "lt", None) if getattr(m, "lt", None) is not None else hi
+    return lo, hi
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]):
+        """Validate ``data``; raise SpecError with one readable line per problem."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = [_describe_error(err, cls.model_fields) for err in e.errors()]
+            raise SpecError("; ".join(lines)) from None
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+class TrainSpec(_Spec):
+    # What and where.
+    output_name: str = Field(min_length=1, max_length=120)
+    base: str = Field(min_length=1, description="tiny:sd15, random:sdxl, a .safetensors file or a diffusers folder")
+    train_data_dir: str
+    output_dir: str
+    trigger_word: str | None = None
+    training_comment: str | None = None
+    resume: bool = False
+
+    # Dataset.
+    resolution: tuple[int, int] = (512, 512)
+    enable_bucket: bool = True
+    min_bucket_reso: int = Field(256, ge=64, le=4096)
+    max_bucket_reso: int = Field(1024, ge=64, le=4096)
+    bucket_reso_steps: int = Field(64, ge=8, le=512)
+    bucket_no_upscale: bool = False
+    num_repeats: int = Field(1, ge=1, le=1000, description="repeats for folders without an N_ prefix")
+    caption_extension: str = ".txt"
+    caption_separator: str = ","
+    shuffle_caption: bool = False
+    keep_tokens: int = Field(0, ge=0, le=100)
+    caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
+    caption_dropout_every_n_epochs: int = Field(0, ge=0, le=1000)
+    caption_tag_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
+    max_token_length: Literal[75, 150, 225] = 75
+    weighted_captions: bool = False
+    flip_aug: bool = False
+
+    # Network.
+    network_dim: int = Field(16, ge=1, le=1024)
+    network_alpha: float = Field(8.0, gt=0.0, le=1024.0)
+    conv_dim: int | None = Field(None, ge=1, le=1024)
+    conv_alpha: float | None = Field(None, gt=0.0, le=1024.0)
+    down_lr_weight: BlockWeights | None = None
+    mid_lr_weight: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    up_lr_weight: BlockWeights | None = None
+    network_train_unet_only: bool = False
+    network_train_text_encoder_only: bool = False
+
+    # Optimisation.
+    learning_rate: float = Field(1e-4, gt=0.0, le=10.0)
+    unet_lr: float | None = Field(None, ge=0.0, le=10.0)
+    text_encoder_lr: float | None = Field(None, ge=0.0, le=10.0)
+    lr_scheduler: LrScheduler = "cosine"
+    lr_warmup_steps: float = Field(0, ge=0, le=100000, description="steps, or a fraction of all steps when < 1")
+    lr_scheduler_num_cycles: int = Field(1, ge=1, le=100)
+    lr_scheduler_power: float = Field(1.0, gt=0.0, le=10.0)
+    optimizer_type: OptimizerType = "AdamW"
+    optimizer_args: dict[str, float | int | bool | str | list[float]] = Field(default_factory=dict)
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1000.0)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+
+    # Noise and loss.
+    min_snr_gamma: float | None = Field(None, gt=0.0, le=100.0)
+    noise_offset: float | None = Field(None, ge=0.0, le=1.0)
+    multires_noise_iterations: int | None = Field(None, ge=1, le=20)
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0)
+    clip_skip: int | None = Field(None, ge=1, le=12)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+
+    # Precision and speed.
+    mixed_precision: Precision = "no"
+    save_precision: SavePrecision = "fp16"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool = True
+
+    # Run length.
+    train_batch_size: int = Field(1, ge=1, le=256)
+    max_train_epochs: int | None = Field(10, ge=1, le=10000)
+    max_train_steps: int | None = Field(None, ge=1, le=1_000_000)
+    save_every_n_epochs: int = Field(1, ge=1, le=10000)
+
+    # Samples after each saved epoch (kohya's prompt syntax).
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_sampler: SampleSampler = "euler_a"
+    sample_steps: int = Field(20, ge=1, le=1000)
+    sample_every_n_epochs: int | None = Field(None, ge=1, le=10000, description="defaults to save_every_n_epochs")
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> Any:
+        # kohya accepts "512" or "512,768" (width,height).
+        if isinstance(v, int):
+            return (v, v)
+        if isinstance(v, str):
+            parts = [p.strip() for p in v.replace("x", ",").split(",") if p.strip()]
+            if len(parts) == 1:
+                parts = parts * 2
+            return tuple(int(p) for p in parts)
+        return v
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        for side in v:
+            if not 64 <= side <= 4096 or side % 8:
+                raise ValueError(f"each side must be a multiple of 8 between 64 and 4096, got {v[0]}x{v[1]}")
+        return v
+
+    @field_validator("output_name")
+    @classmethod
+    def _output_name(cls, v: str) -> str:
+        # Any Unicode is fine (Japanese, emoji); only what breaks a file name is refused.
+        bad = set('/\\:*?"<>|\0') & set(v)
+        if bad or v.strip(" .") != v:
+            raise ValueError(f"cannot contain {''.join(sorted(bad)) or 'leading/trailing dots or spaces'}")
+        return v
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _caption_ext(cls, v: str) -> str:
+        return v if v.startswith(".") else "." + v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSpec:
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            raise ValueError("network_train_unet_only and network_train_text_encoder_only cannot both be set")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
+        if self.max_train_epochs is None and self.max_train_steps is None:
+            raise ValueError("set max_train_epochs or max_train_steps")
+        if (self.conv_alpha is not None) and self.conv_dim is None:
+            raise ValueError("conv_alpha needs conv_dim")
+        return self
+
+    # Derived values the trainer and metadata share.
+    @property
+    def effective_unet_lr(self) -> float:
+        return self.learning_rate if self.unet_lr is None else self.unet_lr
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.network_train_text_encoder_only and self.effective_unet_lr > 0
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return not self.network_train_unet_only and self.effective_text_encoder_lr > 0
+
+    def warmup_steps(self, total_steps: int) -> int:
+        w = self.lr_warmup_steps
+        return int(w * total_steps) if 0 < w < 1 else int(w)
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+
+# ---- Events: what the worker streams back, one JSON object a line ----
+
+
+class StageEvent(_Spec):
+    type: Literal["stage"] = "stage"
+    stage: str
+    message: str
+    current: int | None = None
+    total: int | None = None
+
+
+class ProgressEvent(_Spec):
+    type: Literal["progress"] = "progress"
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    eta_s: float
+    samples_per_s: float
+
+
+class EpochEvent(_Spec):
+    type: Literal["epoch"] = "epoch"
+    epoch: int
+    step: int
+    lora_file: str
+    sample_images: list[str] = Field(default_factory=list)
+    sample_prompts: list[str] = Field(default_factory=list)
+
+
+class DoneEvent(_Spec):
+    type: Literal["done"] = "done"
+    lora_file: str
+    epoch_files: list[str]
+    steps: int
+    seconds: float
+
+
+class FailedEvent(_Spec):
+    type: Literal["failed"] = "failed"
+    kind: Literal["bad_input", "out_of_memory", "cancelled", "error"]
+    reason: str
+
+
+Event = Annotated[
+    StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent, Field(discriminator="type")
+]
+
+
+class _EventBox(BaseModel):
+    event: Event
+
+
+def parse_event(line: str | dict[str, Any]) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent:
+    data = json.loads(line) if isinstance(line, str) else line
+    return _EventBox.model_validate({"event": data}).event
+
+
+def load_toml_settings(path: str | Path) -> dict[str, Any]:
+    """Settings from a kohya-style TOML file: top-level keys or any table of them, flattened."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("optimizer_args",):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
