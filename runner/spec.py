@@ -75,7 +75,9 @@ class _Spec(BaseModel):
             raise SpecError("; ".join(lines)) from None
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        # Only what was set travels: a preset fills the rest on the GPU side, and must not be
+        # overridden by defaults that nobody chose.
+        return self.model_dump_json(exclude_unset=True)
 
 
 class TrainSpec(_Spec):
@@ -85,15 +87,19 @@ class TrainSpec(_Spec):
     train_data_dir: str
     output_dir: str
     trigger_word: str | None = None
+    preset: Literal["character", "style", "concept"] | None = Field(
+        None, description="defaults for the base's family; settings given explicitly win"
+    )
     training_comment: str | None = None
     resume: bool = False
 
     # Dataset.
-    resolution: tuple[int, int] = (512, 512)
+    # None = derived from the base model's native size when training starts (see train.concrete_spec).
+    resolution: tuple[int, int] | None = None
     enable_bucket: bool = True
-    min_bucket_reso: int = Field(256, ge=64, le=4096)
-    max_bucket_reso: int = Field(1024, ge=64, le=4096)
-    bucket_reso_steps: int = Field(64, ge=8, le=512)
+    min_bucket_reso: int | None = Field(None, ge=32, le=4096)
+    max_bucket_reso: int | None = Field(None, ge=32, le=4096)
+    bucket_reso_steps: int | None = Field(None, ge=8, le=512)
     bucket_no_upscale: bool = False
     num_repeats: int = Field(1, ge=1, le=1000, description="repeats for folders without an N_ prefix")
     caption_extension: str = ".txt"
@@ -173,8 +179,8 @@ class TrainSpec(_Spec):
 
     @field_validator("resolution")
     @classmethod
-    def _resolution_range(cls, v: tuple[int, int]) -> tuple[int, int]:
-        for side in v:
+    def _resolution_range(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        for side in v or ():
             if not 64 <= side <= 4096 or side % 8:
                 raise ValueError(f"each side must be a multiple of 8 between 64 and 4096, got {v[0]}x{v[1]}")
         return v
@@ -197,7 +203,7 @@ class TrainSpec(_Spec):
     def _consistent(self) -> TrainSpec:
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise ValueError("network_train_unet_only and network_train_text_encoder_only cannot both be set")
-        if self.min_bucket_reso > self.max_bucket_reso:
+        if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
             raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
         if self.max_train_epochs is None and self.max_train_steps is None:
             raise ValueError("set max_train_epochs or max_train_steps")

@@ -1,0 +1,30 @@
+"""The `loracord` command.
+
+The GPU-side subcommands are runner/'s own CLI, imported only when one of them is asked for,
+so the bot process itself never loads torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+RUNNER_COMMANDS = ("train", "selftest")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RUNNER_COMMANDS:
+        from runner.cli import main as runner_main
+
+        return runner_main(argv)
+    print(
+        "usage: loracord {train,selftest} ...\n\n"
+        "  train     train a LoRA from a folder of images (loracord train --help)\n"
+        "  selftest  prove this install works: trains a tiny LoRA on the CPU, no GPU or network needed",
+        file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+    )
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

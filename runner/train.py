@@ -1,0 +1,461 @@
+"""The training loop: a folder of images in, one kohya-format LoRA per saved epoch out.
+
+One readable loop in the manner of diffusers' ``train_text_to_image_lora.py``, without
+accelerate: a worker owns exactly one GPU, so there is nothing to distribute, and plain
+autocast + GradScaler keep every step visible here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import traceback
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
+from safetensors.torch import load_file, save_file
+
+from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batches, load_dataset, load_image
+from .generate import Sampler, default_sample_prompts, parse_sample_prompt, save_png
+from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metadata
+from .models import Base, ModelError, load_base
+from .network import add_lora, load_lora_state, lora_parameters, lora_state, param_groups
+from .optimizers import describe_optimizer, make_optimizer
+from .presets import preset_settings
+from .spec import (
+    DoneEvent,
+    EpochEvent,
+    FailedEvent,
+    ProgressEvent,
+    SpecError,
+    StageEvent,
+    TrainSpec,
+)
+from .text import Conditioning, encode_prompts
+
+Emit = Callable[[Any], None]
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
+class Cancelled(Exception):
+    pass
+
+
+def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
+    """The spec with the preset applied under the member's own settings and sizes filled in."""
+    updates: dict[str, Any] = {}
+    if spec.preset:
+        updates = {k: v for k, v in preset_settings(spec.preset, base.family).items() if k not in spec.model_fields_set}
+    merged = {**spec.model_dump(), **updates}
+    native = base.native_resolution
+    res = merged["resolution"] or (native, native)
+    merged["resolution"] = res
+    merged["bucket_reso_steps"] = merged["bucket_reso_steps"] or min(64, native // 8)
+    step = merged["bucket_reso_steps"]
+    merged["min_bucket_reso"] = merged["min_bucket_reso"] or max(step, min(res) // 2 // step * step)
+    merged["max_bucket_reso"] = merged["max_bucket_reso"] or max(res) * 2
+    if base.family == "sdxl" and merged["clip_skip"] not in (None, 1, 2):
+        raise SpecError("clip_skip: SDXL always uses the penultimate text-encoder layer; leave clip_skip unset")
+    n_layers = base.text_encoders[0].config.num_hidden_layers
+    if merged["clip_skip"] and merged["clip_skip"] > n_layers:
+        raise SpecError(f"clip_skip must be between 1 and {n_layers} for this model (got {merged['clip_skip']})")
+    return TrainSpec.parse(merged)
+
+
+def pyramid_noise(shape: torch.Size, iterations: int, discount: float, gen: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it.
+    b, c, h, w = shape
+    noise = torch.randn(shape, generator=gen, device=device)
+    for i in range(1, iterations + 1):
+        r = random.Random(gen.initial_seed() + i).random() * 2 + 2  # scale factor in [2, 4)
+        wi, hi = max(1, int(w / r**i)), max(1, int(h / r**i))
+        low = torch.randn(b, c, hi, wi, generator=gen, device=device)
+        noise += F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
+        if wi == 1 or hi == 1:
+            break
+    return noise / noise.std()
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    cond: Conditioning
+    time_ids: torch.Tensor | None  # SDXL micro-conditioning
+
+
+class Trainer:
+    """State of one training run; `run` is the loop."""
+
+    def __init__(self, spec: TrainSpec, emit: Emit, cancel: threading.Event | None = None,
+                 device: str | torch.device | None = None):
+        self.request = spec
+        self.emit = emit
+        self.cancel = cancel or threading.Event()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # ---- setup ----
+
+    def _setup(self) -> None:
+        self.emit(StageEvent(stage="load_model", message=f"loading {self.request.base}"))
+        self.base = load_base(self.request.base)
+        self.spec = spec = concrete_spec(self.request, self.base)
+        self.out = Path(spec.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.dataset: Dataset = load_dataset(spec)
+        for name, why in getattr(self.dataset, "skipped", []):
+            self.emit(StageEvent(stage="dataset", message=f"skipped {name}: {why}"))
+        self.rules = CaptionRules(spec)
+        self.autocast_dtype = DTYPES[spec.mixed_precision]
+        # Frozen weights live in the compute dtype on a GPU; on a CPU autocast handles it and
+        # fp32 weights keep results exact and reproducible.
+        weight_dtype = self.autocast_dtype if self.device.type == "cuda" else torch.float32
+        self.base.to(self.device, weight_dtype)
+        torch.manual_seed(spec.seed)
+        add_lora(self.base, spec)
+        trained = [m for m in (self.base.unet, *self.base.text_encoders) if any(p.requires_grad for p in m.parameters())]
+        cast_training_params(trained, dtype=torch.float32)
+        if spec.gradient_checkpointing:
+            if spec.train_unet:
+                self.base.unet.enable_gradient_checkpointing()
+            if spec.train_text_encoder:
+                for te in self.base.text_encoders:
+                    te.gradient_checkpointing_enable()
+        self.groups = param_groups(self.base, spec)
+        if not self.groups:
+            raise SpecError("nothing to train: unet_lr and text_encoder_lr (or block weights) are all 0")
+        self.optimizer = make_optimizer(spec, self.groups, self.device)
+        self.scaler = torch.amp.GradScaler(enabled=spec.mixed_precision == "fp16" and self.device.type == "cuda")
+
+        self.batches_per_epoch = len(epoch_batches(self.dataset, spec.train_batch_size, 0, spec.seed, spec.flip_aug))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / spec.gradient_accumulation_steps)
+        if spec.max_train_epochs:  # epochs win over steps, as in kohya
+            self.num_epochs = spec.max_train_epochs
+            self.total_steps = self.num_epochs * self.steps_per_epoch
+        else:
+            self.total_steps = spec.max_train_steps or 0
+            self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.lr_scheduler = get_scheduler(
+            spec.lr_scheduler, self.optimizer, num_warmup_steps=spec.warmup_steps(self.total_steps),
+            num_training_steps=self.total_steps, num_cycles=spec.lr_scheduler_num_cycles,
+            power=spec.lr_scheduler_power,
+        )
+        self.noise_scheduler = self.base.noise_scheduler()
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.gen = torch.Generator(self.device)
+        self.facts = TrainingFacts(
+            session_id=str(uuid.uuid4().int >> 96), training_started_at=time.time(),
+            num_train_images=self.dataset.num_train_images(), num_batches_per_epoch=self.batches_per_epoch,
+            num_epochs=self.num_epochs, max_train_steps=self.total_steps,
+            tag_frequency=self.dataset.tag_frequency(), dataset_dirs=self.dataset.dataset_dirs(),
+            bucket_info=self.dataset.bucket_info(), optimizer=describe_optimizer(self.optimizer, spec),
+            lr_warmup_steps=spec.warmup_steps(self.total_steps),
+        )
+        self.metadata = training_metadata(spec, self.base, self.facts)
+        self._cache()
+
+    def _cache(self) -> None:
+        """Everything that does not change between steps is computed once, here."""
+        spec = self.spec
+        self.latent_cache: dict[tuple[str, bool], torch.Tensor] = {}
+        if spec.cache_latents:
+            flips = (False, True) if spec.flip_aug else (False,)
+            todo = [(item, f) for item in self.dataset.items for f in flips]
+            for i, (item, flip) in enumerate(todo):
+                self._check_cancel()
+                if i % 10 == 0:
+                    self.emit(StageEvent(stage="cache_latents", message="encoding images once with the VAE",
+                                         current=i, total=len(todo)))
+                self.latent_cache[(str(item.path), flip)] = self._encode_images([item], [flip])[0]
+        self.cond_cache: dict[str, Conditioning] = {}
+        self.cache_text = spec.cache_text_encoder_outputs and not spec.train_text_encoder and not self.rules.varies()
+        if self.cache_text:
+            self.emit(StageEvent(stage="cache_text", message="encoding captions once"))
+            captions = {self.rules.apply(item.caption, 0, random.Random(0)) for item in self.dataset.items}
+            for caption in sorted(captions):
+                self.cond_cache[caption] = self._encode_text([caption], grad=False)
+
+    # ---- per-step pieces ----
+
+    def _encode_images(self, items: list[ImageItem], flips: list[bool]) -> torch.Tensor:
+        vae = self.base.vae
+        pixels = []
+        for item, flip in zip(items, flips, strict=True):
+            px = load_image(item)[0]
+            pixels.append(px.flip(-1) if flip else px)
+        x = torch.stack(pixels).to(self.device, vae.dtype)
+        with torch.no_grad():
+            # kohya caches one sample of the latent distribution; the generator makes it repeatable.
+            gen = torch.Generator(self.device).manual_seed(self.spec.seed)
+            latents = vae.encode(x).latent_dist.sample(generator=gen)
+        return latents.float() * vae.config.scaling_factor
+
+    def _encode_text(self, captions: list[str], grad: bool) -> Conditioning:
+        with torch.set_grad_enabled(grad), torch.autocast(self.device.type, self.autocast_dtype,
+                                                           enabled=self.spec.mixed_precision != "no"):
+            return encode_prompts(self.base, captions, max_token_length=self.spec.max_token_length,
+                                  clip_skip=self.spec.clip_skip, weighted=self.spec.weighted_captions)
+
+    def _time_ids(self, items: list[ImageItem]) -> torch.Tensor:
+        # SDXL's micro-conditioning: original size, crop offset, target size. They follow from
+        # the sizes alone (load_image resizes to cover and crops the centre), so cached latents
+        # need no image reads here.
+        rows = []
+        for item in items:
+            ow, oh = item.size
+            bw, bh = item.bucket
+            scale = max(bw / ow, bh / oh)
+            rw, rh = round(ow * scale), round(oh * scale)
+            rows.append([oh, ow, (rh - bh) // 2, (rw - bw) // 2, bh, bw])
+        return torch.tensor(rows, device=self.device, dtype=torch.float32)
+
+    def _batch(self, pairs: list[tuple[ImageItem, bool]], epoch: int, rng: random.Random) -> Batch:
+        items = [p[0] for p in pairs]
+        flips = [p[1] for p in pairs]
+        if self.spec.cache_latents:
+            latents = torch.stack([self.latent_cache[(str(i.path), f)] for i, f in pairs])
+        else:
+            latents = self._encode_images(items, flips)
+        captions = [self.rules.apply(i.caption, epoch, rng) for i in items]
+        if self.cache_text:
+            parts = [self.cond_cache[c] for c in captions]
+            cond = Conditioning(torch.cat([p.hidden_states for p in parts]),
+                                None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]))
+        else:
+            cond = self._encode_text(captions, grad=self.spec.train_text_encoder)
+        time_ids = self._time_ids(items) if self.base.family == "sdxl" else None
+        return Batch(latents, cond, time_ids)
+
+    def _noise(self, latents: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.multires_noise_iterations:
+            noise = pyramid_noise(latents.shape, spec.multires_noise_iterations, spec.multires_noise_discount,
+                                  self.gen, self.device)
+        else:
+            noise = torch.randn(latents.shape, generator=self.gen, device=self.device)
+        if spec.noise_offset:
+            b, c = latents.shape[:2]
+            noise = noise + spec.noise_offset * torch.randn((b, c, 1, 1), generator=self.gen, device=self.device)
+        return noise
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        sched = self.noise_scheduler
+        latents = batch.latents
+        noise = self._noise(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.gen,
+                          device=self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        prediction_type = sched.config.prediction_type
+        target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        added = None
+        if batch.time_ids is not None:
+            added = {"text_embeds": batch.cond.pooled, "time_ids": batch.time_ids}
+        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"):
+            pred = self.base.unet(noisy, t, batch.cond.hidden_states, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.spec.min_snr_gamma:
+            # Min-SNR weighting as in diffusers' example (Hang et al. 2023).
+            snr = compute_snr(sched, t)
+            weight = torch.clamp(snr, max=self.spec.min_snr_gamma)
+            weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
+            loss = loss * weight
+        return loss.mean()
+
+    # ---- saving and resuming ----
+
+    def _state_dir(self) -> Path:
+        return self.out / f"{self.spec.output_name}-state"
+
+    def _save_state(self, epoch: int, step: int) -> None:
+        tmp = self.out / f".{self.spec.output_name}-state.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in lora_state(self.base).items()}, str(tmp / "lora.safetensors"))
+        torch.save({
+            "epoch": epoch, "step": step, "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "settings": self._resume_key(), "metadata": self.metadata,
+        }, tmp / "train_state.pt")
+        final = self._state_dir()
+        old = self.out / f".{self.spec.output_name}-state.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_key(self) -> dict[str, Any]:
+        # What must match for a resumed run to be the same run.
+        return self.spec.model_dump(exclude={"resume", "output_dir", "training_comment", "sample_prompts",
+                                             "save_every_n_epochs", "sample_every_n_epochs"})
+
+    def _load_state(self) -> tuple[int, int]:
+        state_dir = self._state_dir()
+        if not (state_dir / "train_state.pt").exists():
+            self.emit(StageEvent(stage="resume", message="no saved state found: starting from the beginning"))
+            return 0, 0
+        state = torch.load(state_dir / "train_state.pt", map_location=self.device, weights_only=False)
+        if state["settings"] != self._resume_key():
+            changed = sorted(k for k, v in self._resume_key().items() if state["settings"].get(k) != v)
+            raise SpecError(f"cannot resume: settings changed since the saved state ({', '.join(changed)})")
+        load_lora_state(self.base, load_file(str(state_dir / "lora.safetensors"), device=str(self.device)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.gen.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.metadata = state["metadata"]
+        self.emit(StageEvent(stage="resume", message=f"resuming after epoch {state['epoch']}"))
+        return state["epoch"], state["step"]
+
+    def _save_epoch(self, epoch: int, step: int) -> EpochEvent:
+        spec = self.spec
+        path = self.out / f"{spec.output_name}-{epoch:06d}.safetensors"
+        tensors = kohya_state_dict(self.base, DTYPES[spec.save_precision])
+        save_lora(path, tensors, self.metadata, epoch=epoch, steps=step)
+        self._save_state(epoch, step)
+        every = spec.sample_every_n_epochs or spec.save_every_n_epochs
+        images, prompts = [], []
+        if epoch % every == 0 or epoch == self.num_epochs:
+            images, prompts = self._samples(epoch)
+        return EpochEvent(epoch=epoch, step=step, lora_file=str(path), sample_images=images, sample_prompts=prompts)
+
+    def _samples(self, epoch: int) -> tuple[list[str], list[str]]:
+        spec = self.spec
+        lines = spec.sample_prompts or default_sample_prompts(spec.trigger_word, self.dataset.common_tags(8))
+        w, h = spec.resolution
+        sampler = Sampler(self.base, device=self.device, dtype=self.autocast_dtype, clip_skip=spec.clip_skip)
+        sample_dir = self.out / "sample"
+        sample_dir.mkdir(exist_ok=True)
+        paths = []
+        for i, line in enumerate(lines):
+            self._check_cancel()
+            sp = parse_sample_prompt(line, width=w, height=h, steps=spec.sample_steps, sampler=spec.sample_sampler,
+                                     seed=spec.seed + i)
+            self.emit(StageEvent(stage="sample", message=f"sample {i + 1}/{len(lines)}", current=i, total=len(lines)))
+            image = sampler.render(sp)
+            path = sample_dir / f"{spec.output_name}-{epoch:06d}-{i:02d}.png"
+            name = f"{spec.output_name}-{epoch:06d}"
+            save_png(image, path, sampler.parameters_text(sp, self.base.name, self.base.model_hash,
+                                                          extra={"Lora": name}))
+            paths.append(str(path))
+        return paths, [parse_sample_prompt(line, width=w, height=h, steps=spec.sample_steps,
+                                           sampler=spec.sample_sampler, seed=spec.seed).prompt for line in lines]
+
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled
+
+    # ---- the loop ----
+
+    def run(self) -> DoneEvent:
+        started = time.monotonic()
+        self._setup()
+        spec = self.spec
+        start_epoch, step = self._load_state() if spec.resume else (0, 0)
+        modules = [self.base.unet, *self.base.text_encoders]
+        for m, train in zip(modules, [spec.train_unet] + [spec.train_text_encoder] * len(self.base.text_encoders),
+                            strict=True):
+            m.train(train)
+        params = [p for g in self.groups for p in g["params"]]
+        pattern = re.compile(re.escape(spec.output_name) + r"-\d{6}\.safetensors")
+        epoch_files = sorted(str(p) for p in self.out.iterdir() if pattern.fullmatch(p.name))
+        loss_avg = None
+        t0, step0 = time.monotonic(), step
+        for epoch in range(start_epoch + 1, self.num_epochs + 1):
+            # Reseeding per epoch makes an epoch's noise, order and captions independent of how
+            # the run got there, so a resumed run is the same run.
+            self.gen.manual_seed(spec.seed * 100_003 + epoch)
+            rng = random.Random(spec.seed * 100_003 + epoch)
+            batches = epoch_batches(self.dataset, spec.train_batch_size, epoch, spec.seed, spec.flip_aug)
+            for i, pairs in enumerate(batches):
+                self._check_cancel()
+                loss = self._loss(self._batch(pairs, epoch, rng)) / spec.gradient_accumulation_steps
+                self.scaler.scale(loss).backward()
+                if (i + 1) % spec.gradient_accumulation_steps and i + 1 != len(batches):
+                    continue
+                if spec.max_grad_norm > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                value = loss.item() * spec.gradient_accumulation_steps
+                if not math.isfinite(value):
+                    raise FloatingPointError(step)
+                loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
+                rate = (step - step0) / max(time.monotonic() - t0, 1e-6)
+                self.emit(ProgressEvent(
+                    step=step, total_steps=self.total_steps, epoch=epoch, loss=loss_avg,
+                    lr=self.lr_scheduler.get_last_lr()[0], eta_s=(self.total_steps - step) / rate if rate else 0.0,
+                    samples_per_s=rate * spec.train_batch_size * spec.gradient_accumulation_steps,
+                ))
+                if step >= self.total_steps:
+                    break
+            last = epoch == self.num_epochs or step >= self.total_steps
+            if epoch % spec.save_every_n_epochs == 0 or last:
+                event = self._save_epoch(epoch, step)
+                epoch_files = sorted({*epoch_files, event.lora_file})
+                self.emit(event)
+            if last:
+                break
+        final = self.out / f"{spec.output_name}.safetensors"
+        shutil.copyfile(epoch_files[-1], final)
+        return DoneEvent(lora_file=str(final), epoch_files=epoch_files, steps=step,
+                         seconds=round(time.monotonic() - started, 2))
+
+
+def _oom_advice(spec: TrainSpec) -> str:
+    tips = []
+    if spec.train_batch_size > 1:
+        tips.append(f"train_batch_size (now {spec.train_batch_size})")
+    if spec.resolution:
+        tips.append(f"resolution (now {spec.resolution[0]}x{spec.resolution[1]}) or max_bucket_reso")
+    if spec.network_dim > 16:
+        tips.append(f"network_dim (now {spec.network_dim})")
+    advice = "lower " + ", ".join(tips) if tips else "use a smaller base model"
+    if not spec.gradient_checkpointing:
+        advice += "; or set gradient_checkpointing=true"
+    if spec.mixed_precision == "no":
+        advice += "; or set mixed_precision=bf16"
+    return advice
+
+
+def train(spec: TrainSpec, emit: Emit, cancel: threading.Event | None = None,
+          device: str | torch.device | None = None) -> DoneEvent | FailedEvent:
+    """Run one training job; every outcome is an event, never an exception."""
+    trainer = Trainer(spec, emit, cancel, device)
+    try:
+        result: DoneEvent | FailedEvent = trainer.run()
+    except (SpecError, DatasetError, ModelError) as e:
+        result = FailedEvent(kind="bad_input", reason=str(e))
+    except Cancelled:
+        result = FailedEvent(kind="cancelled", reason="cancelled; epochs saved so far are kept")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        result = FailedEvent(kind="out_of_memory", reason="the GPU ran out of memory: "
+                             + _oom_advice(getattr(trainer, "spec", spec)))
+    except FloatingPointError as e:
+        result = FailedEvent(kind="error", reason=f"the loss became NaN/inf at step {e}: lower the learning rate, "
+                             "or use mixed_precision=bf16 instead of fp16")
+    except Exception as e:  # the worker must outlive any one job; the log keeps the traceback
+        traceback.print_exc(file=sys.stderr)
+        result = FailedEvent(kind="error", reason=f"{type(e).__name__}: {e}")
+    emit(result)
+    return result
