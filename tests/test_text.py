@@ -129,7 +129,8 @@ def test_weighting_scales_only_weighted_tokens_and_keeps_mean(sdxl):
     plain = encode_prompts(sdxl, ["a the red"], weighted=True).hidden_states[0]
     weighted = encode_prompts(sdxl, ["a (the:1.5) red"], weighted=True).hidden_states[0]
     the = 2  # BOS, "a", "the", ...
-    for half in (slice(0, 32), slice(32, 64)):  # each encoder's chunk is rescaled on its own
+    w1, w2 = (te.config.hidden_size for te in sdxl.text_encoders)
+    for half in (slice(0, w1), slice(w1, w1 + w2)):  # each encoder's chunk is rescaled on its own
         p, w = plain[:, half], weighted[:, half]
         assert w.mean().item() == pytest.approx(p.mean().item(), rel=1e-4)
         ratio = w / p
@@ -165,7 +166,7 @@ def test_clip_skip_sd15_matches_manual(sd15):
 
 def test_sdxl_shapes_and_penultimate_layer(sdxl):
     cond = encode_prompts(sdxl, ["a cat", "a dog"], max_token_length=150)
-    assert cond.hidden_states.shape == (2, 154, 64)
+    assert cond.hidden_states.shape == (2, 154, sdxl.unet.config.cross_attention_dim)
     assert cond.pooled is not None and cond.pooled.shape == (2, 32)
 
     te1, te2 = sdxl.text_encoders
