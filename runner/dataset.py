@@ -282,7 +282,7 @@ def _unreadable_reason(e: Exception) -> str:
 
 
 def epoch_batches(
-    dataset: Dataset, batch_size: int, epoch: int, seed: int, *, flip_aug: bool = False
+    dataset: Dataset, batch_size: int, epoch: int, seed: int, flip_aug: bool = False
 ) -> list[list[tuple[ImageItem, bool]]]:
     """One epoch's batches: each item ``repeats`` times, one bucket per batch, shuffled from (seed, epoch).
 
