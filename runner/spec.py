@@ -162,7 +162,9 @@ class TrainSpec(_Spec):
     sample_prompts: list[str] = Field(default_factory=list)
     sample_sampler: SampleSampler = "euler_a"
     sample_steps: int = Field(20, ge=1, le=1000)
-    sample_every_n_epochs: int | None = Field(None, ge=1, le=10000, description="defaults to save_every_n_epochs")
+    sample_every_n_epochs: int | None = Field(
+        None, ge=0, le=10000, description="defaults to save_every_n_epochs; 0 = no samples"
+    )
 
     @field_validator("resolution", mode="before")
     @classmethod

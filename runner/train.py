@@ -328,9 +328,9 @@ class Trainer:
         tensors = kohya_state_dict(self.base, DTYPES[spec.save_precision])
         save_lora(path, tensors, self.metadata, epoch=epoch, steps=step)
         self._save_state(epoch, step)
-        every = spec.sample_every_n_epochs or spec.save_every_n_epochs
+        every = spec.save_every_n_epochs if spec.sample_every_n_epochs is None else spec.sample_every_n_epochs
         images, prompts = [], []
-        if epoch % every == 0 or epoch == self.num_epochs:
+        if every and (epoch % every == 0 or epoch == self.num_epochs):
             images, prompts = self._samples(epoch)
         return EpochEvent(epoch=epoch, step=step, lora_file=str(path), sample_images=images, sample_prompts=prompts)
 
