@@ -29,6 +29,8 @@ CLIP_BPE = CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
 # OpenAI's and open_clip's tokenizers.
 CLIP_NUM_MERGES = 49152 - 256 - 2
 TINY_NUM_MERGES = 1000
+# Tokens besides the merges: 256 byte characters, their end-of-word forms, start and end.
+CLIP_BASE_TOKENS = 2 * 256 + 2
 
 
 class ModelError(ValueError):
@@ -72,7 +74,11 @@ class Base:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # CLIP's reversible byte→character table; transformers keeps it private, so it is restated here.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -85,7 +91,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @cache
 def _clip_vocab(num_merges: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    lines = gzip.open(CLIP_BPE).read().decode("utf-8").split("\n")[1 : num_merges + 1]
+    with gzip.open(CLIP_BPE) as f:
+        lines = f.read().decode("utf-8").split("\n")[1 : num_merges + 1]
     merges = tuple(tuple(m.split()) for m in lines)
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
@@ -118,64 +125,106 @@ def _scheduler_config() -> dict[str, Any]:
 
 TINY_UNET = {
     "sd15": dict(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32, use_linear_projection=False,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        use_linear_projection=False,
     ),
     "sdxl": dict(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
     ),
 }
 TINY_VAE = dict(
-    block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    block_out_channels=[32, 64],
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    norm_num_groups=32,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
     sample_size=64,
 )
 
 
-def _tiny_text_config(vocab_size: int, act: str) -> CLIPTextConfig:
+def _tiny_text_config(vocab_size: int, act: str, hidden_size: int = 32) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=32, hidden_act=act, bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act=act,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
 
 
 def _tiny(family: Family) -> Base:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET[family])
-    vae = AutoencoderKL(**TINY_VAE)
-    tok = clip_tokenizer(TINY_NUM_MERGES)
-    n = len(tok)
-    if family == "sd15":
-        encoders: list = [CLIPTextModel(_tiny_text_config(n, "quick_gelu"))]
-        tokenizers = [tok]
-    else:
-        encoders = [CLIPTextModel(_tiny_text_config(n, "quick_gelu")),
-                    CLIPTextModelWithProjection(_tiny_text_config(n, "gelu"))]
-        tokenizers = [tok, clip_tokenizer(TINY_NUM_MERGES, pad_token="!")]
-    return _finish(Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64),
-                   hash_source=f"tiny:{family}".encode())
+    with torch.random.fork_rng(devices=[]):  # a load must not reset the caller's seed
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**TINY_UNET[family])
+        vae = AutoencoderKL(**TINY_VAE)
+        tok = clip_tokenizer(TINY_NUM_MERGES)
+        n = len(tok)
+        if family == "sd15":
+            encoders: list = [CLIPTextModel(_tiny_text_config(n, "quick_gelu"))]
+            tokenizers = [tok]
+        else:
+            # Two widths (24 + 40 = the UNet's 64), as SDXL's 768 and 1280: single-file loaders tell the
+            # encoders apart by width.
+            encoders = [
+                CLIPTextModel(_tiny_text_config(n, "quick_gelu", 24)),
+                CLIPTextModelWithProjection(_tiny_text_config(n, "gelu", 40)),
+            ]
+            tokenizers = [tok, clip_tokenizer(TINY_NUM_MERGES, pad_token="!")]
+    return _finish(
+        Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64),
+        hash_source=f"tiny:{family}".encode(),
+    )
 
 
 def _random(family: Family) -> Base:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(_config(family, "unet"))
-    vae = AutoencoderKL.from_config(_config(family, "vae"))
-    te1 = CLIPTextModel(CLIPTextConfig(**_config(family, "text_encoder")))
-    if family == "sd15":
-        encoders: list = [te1]
-        tokenizers = [clip_tokenizer()]
-    else:
-        encoders = [te1, CLIPTextModelWithProjection(CLIPTextConfig(**_config(family, "text_encoder_2")))]
-        tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+    """Full size; build it under ``with torch.device("meta"):`` to get the architecture without memory."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(_config(family, "unet"))
+        vae = AutoencoderKL.from_config(_config(family, "vae"))
+        te1 = CLIPTextModel(CLIPTextConfig(**_config(family, "text_encoder")))
+        if family == "sd15":
+            encoders: list = [te1]
+            tokenizers = [clip_tokenizer()]
+        else:
+            encoders = [te1, CLIPTextModelWithProjection(CLIPTextConfig(**_config(family, "text_encoder_2")))]
+            tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
     res = 512 if family == "sd15" else 1024
-    return _finish(Base(f"random:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), res),
-                   hash_source=f"random:{family}".encode())
+    return _finish(
+        Base(f"random:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), res),
+        hash_source=f"random:{family}".encode(),
+    )
 
 
 def _finish(base: Base, hash_source: bytes) -> Base:
@@ -190,6 +239,9 @@ def _finish(base: Base, hash_source: bytes) -> Base:
 
 # ---- real checkpoints ----
 
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_PIPELINES: dict[str, Family] = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+
 
 def detect_family(path: Path) -> Family:
     """SD1.5 or SDXL from a single-file checkpoint's keys; anything else is refused by name."""
@@ -198,27 +250,43 @@ def detect_family(path: Path) -> Family:
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
-            te_shape = None
-            k = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
-            if k in keys:
-                te_shape = f.get_slice(k).get_shape()
-            unet_in = "model.diffusion_model.input_blocks.0.0.weight"
-            in_ch = f.get_slice(unet_in).get_shape()[1] if unet_in in keys else None
+            in_ch = f.get_slice(_UNET_IN).get_shape()[1] if _UNET_IN in keys else None
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise ModelError(f"{path.name} is not a readable .safetensors checkpoint ({e})") from None
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if has("conditioner.embedders.1."):
         family: Family = "sdxl"
-    elif any(k.startswith("cond_stage_model.transformer.") for k in keys):
+    elif has("cond_stage_model.transformer."):
         family = "sd15"
-    elif te_shape is not None:
-        raise ModelError(f"{path.name} looks like a Stable Diffusion 2.x checkpoint; only SD1.5 and SDXL are supported")
-    elif any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+    elif has("conditioner.embedders.0.model."):
+        raise ModelError(
+            f"{path.name} is an SDXL refiner; use an SDXL base checkpoint (SDXL, Pony, Illustrious)"
+        )
+    elif has("cond_stage_model.model."):
+        raise ModelError(
+            f"{path.name} looks like a Stable Diffusion 2.x checkpoint; only SD1.5 and SDXL are supported"
+        )
+    elif has("double_blocks.", "model.diffusion_model.double_blocks."):
         raise ModelError(f"{path.name} looks like a Flux checkpoint; Flux is not supported yet")
+    elif has("lora_", "lycoris_") or any(".lora_down." in k or ".lora_A." in k for k in keys):
+        raise ModelError(f"{path.name} is a LoRA, not a base model; give a full SD1.5 or SDXL checkpoint")
+    elif has("encoder.", "decoder.", "first_stage_model."):
+        raise ModelError(f"{path.name} is a VAE, not a base model; give a full SD1.5 or SDXL checkpoint")
     else:
-        raise ModelError(f"{path.name} is not an SD1.5 or SDXL checkpoint (no text encoder keys found); "
-                         "LoRA files and VAEs cannot be used as a base")
-    if in_ch not in (None, 4):
-        raise ModelError(f"{path.name} is an inpainting checkpoint ({in_ch} input channels); use a normal one")
+        raise ModelError(f"{path.name} is not an SD1.5 or SDXL checkpoint (no text encoder keys found)")
+    if in_ch is None:
+        raise ModelError(f"{path.name} has no UNet weights (model.diffusion_model.*); give a full checkpoint")
+    if not has("first_stage_model."):
+        raise ModelError(
+            f"{path.name} has no VAE baked in (first_stage_model.*); give a checkpoint that includes one"
+        )
+    if in_ch != 4:
+        raise ModelError(
+            f"{path.name} is an inpainting or edit checkpoint ({in_ch} input channels); use a normal one"
+        )
     return family
 
 
@@ -233,34 +301,82 @@ def _file_hashes(path: Path) -> tuple[str, str]:
     return sha.hexdigest()[:10], legacy
 
 
-def _from_single_file(path: Path) -> Base:
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path.parent.name}/{path.name} is missing or damaged ({e})") from None
+
+
+def _missing_tokenizers(folder: Path, family: Family) -> dict[str, CLIPTokenizer]:
+    """Tokenizers ``folder`` lacks, cut from the shipped CLIP vocabulary to their text encoder's size."""
+    wanted = [("tokenizer", "text_encoder", "<|endoftext|>")]
+    if family == "sdxl":
+        wanted.append(("tokenizer_2", "text_encoder_2", "!"))
+    out = {}
+    for tok, te, pad in wanted:
+        if not (folder / tok).is_dir():
+            vocab = _read_config(folder / te / "config.json")["vocab_size"]
+            out[tok] = clip_tokenizer(vocab - CLIP_BASE_TOKENS, pad_token=pad)
+    return out
+
+
+def _pipeline_class(family: Family) -> Any:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    return StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
+
+
+def _no_safety_checker(family: Family) -> dict[str, Any]:
+    if family == "sd15":
+        return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return {}
+
+
+def _from_single_file(path: Path, config_root: Path) -> Base:
     family = detect_family(path)
-    cls = StableDiffusionPipeline if family == "sd15" else StableDiffusionXLPipeline
-    kwargs: dict[str, Any] = {"tokenizer": clip_tokenizer()}
-    if family == "sdxl":
-        kwargs["tokenizer_2"] = clip_tokenizer(pad_token="!")
-    else:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = cls.from_single_file(str(path), config=str(CONFIGS / family), local_files_only=True,
-                                torch_dtype=torch.float32, **kwargs)
+    config = config_root / family
+    kwargs = _missing_tokenizers(config, family) | _no_safety_checker(family)
+    # diffusers raises many error types for damaged or odd checkpoints; the user needs the file name.
+    try:
+        pipe = _pipeline_class(family).from_single_file(
+            str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32, **kwargs
+        )
+    except Exception as e:
+        raise ModelError(f"{path.name} could not be loaded as an {family} checkpoint ({e})") from e
     return _from_pipeline(pipe, path.stem, family, *_file_hashes(path))
 
 
-def _from_folder(path: Path) -> Base:
-    from diffusers import DiffusionPipeline
+def _folder_family(path: Path) -> Family:
+    index = _read_config(path / "model_index.json")
+    cls_name = index.get("_class_name", "?")
+    if cls_name not in _PIPELINES:
+        raise ModelError(
+            f"{path.name} is a {cls_name} diffusers model; only SD1.5 and SDXL text-to-image "
+            "models (StableDiffusionPipeline, StableDiffusionXLPipeline) are supported"
+        )
+    unet = _read_config(path / "unet" / "config.json")
+    if unet.get("cross_attention_dim") == 1024:
+        raise ModelError(
+            f"{path.name} looks like a Stable Diffusion 2.x model; only SD1.5 and SDXL are supported"
+        )
+    if unet.get("in_channels", 4) != 4:
+        raise ModelError(
+            f"{path.name} is an inpainting or edit model ({unet['in_channels']} input channels); "
+            "use a normal one"
+        )
+    return _PIPELINES[cls_name]
 
-    index = json.loads((path / "model_index.json").read_text())
-    family: Family = "sdxl" if "text_encoder_2" in index else "sd15"
-    kwargs: dict[str, Any] = {}
-    if not (path / "tokenizer").is_dir():
-        kwargs["tokenizer"] = clip_tokenizer()
-    if family == "sdxl" and not (path / "tokenizer_2").is_dir():
-        kwargs["tokenizer_2"] = clip_tokenizer(pad_token="!")
-    if family == "sd15":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32, **kwargs)
+
+def _from_folder(path: Path) -> Base:
+    family = _folder_family(path)
+    kwargs = _missing_tokenizers(path, family) | _no_safety_checker(family)
+    try:
+        pipe = _pipeline_class(family).from_pretrained(
+            str(path), local_files_only=True, torch_dtype=torch.float32, **kwargs
+        )
+    except Exception as e:  # as in _from_single_file
+        raise ModelError(f"{path.name} could not be loaded as an {family} diffusers model ({e})") from e
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
     return _from_pipeline(pipe, path.name, family, digest[:10], digest[:8])
 
@@ -269,13 +385,27 @@ def _from_pipeline(pipe: Any, name: str, family: Family, model_hash: str, legacy
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     res = 512 if family == "sd15" else 1024
-    base = Base(name, family, pipe.unet, pipe.vae, encoders, tokenizers, dict(pipe.scheduler.config), res,
-                model_hash=model_hash, legacy_hash=legacy)
+    base = Base(
+        name,
+        family,
+        pipe.unet,
+        pipe.vae,
+        encoders,
+        tokenizers,
+        dict(pipe.scheduler.config),
+        res,
+        model_hash=model_hash,
+        legacy_hash=legacy,
+    )
     return _finish(base, hash_source=name.encode())
 
 
-def load_base(name: str) -> Base:
-    """Load a base model on the CPU in fp32; the caller moves it where it trains."""
+def load_base(name: str, config_root: Path = CONFIGS) -> Base:
+    """Load a base model on the CPU in fp32; the caller moves it where it trains.
+
+    ``config_root`` holds one diffusers config folder per family (``sd15/``, ``sdxl/``) that a
+    single-file checkpoint is built from; the default is the shipped full-size one.
+    """
     kind, _, arg = name.partition(":")
     if kind in ("tiny", "random") and arg:
         if arg not in ("sd15", "sdxl"):
@@ -288,7 +418,11 @@ def load_base(name: str) -> Base:
         return _from_folder(path)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
-            raise ModelError(f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)")
-        return _from_single_file(path)
-    raise ModelError(f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, "
-                     "a .safetensors checkpoint or a diffusers folder")
+            raise ModelError(
+                f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)"
+            )
+        return _from_single_file(path, config_root)
+    raise ModelError(
+        f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, "
+        "a .safetensors checkpoint or a diffusers folder"
+    )

@@ -1,0 +1,131 @@
+"""Test-only: write a diffusers model in the original (LDM) single-file layout A1111 and Civitai ship.
+
+diffusers only converts LDM → diffusers (``convert_ldm_*_checkpoint`` in
+``diffusers/loaders/single_file_utils.py``); this is the inverse of those functions, enough for the
+tiny models, so tests can build single-file checkpoints without downloading one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from runner.models import Base
+
+_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+)
+_VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _renamed(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    for new, old in pairs:
+        rest = rest.replace(new, old)
+    return rest
+
+
+def unet_to_ldm(sd: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+    n = layers_per_block + 1  # LDM numbers resnets, attentions and the resampler of a block in one row
+    up_with_attn = {int(k.split(".")[1]) for k in sd if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    out = {}
+    for key, v in sd.items():
+        module, _, param = key.rpartition(".")
+        if module in _UNET_FIXED:
+            new = f"{_UNET_FIXED[module]}.{param}"
+        elif m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+            row = f"input_blocks.{1 + i * n + j}" if side == "down" else f"output_blocks.{i * n + j}"
+            new = f"{row}.0.{_renamed(rest, _RESNET)}" if kind == "resnets" else f"{row}.1.{rest}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+            i = int(m[1])
+            new = f"output_blocks.{i * n + n - 1}.{2 if i in up_with_attn else 1}.{m[2]}"
+        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+            new = f"middle_block.{2 * int(m[1])}.{_renamed(m[2], _RESNET)}"
+        else:
+            new = key.replace("mid_block.attentions.0.", "middle_block.1.")
+        out[f"model.diffusion_model.{new}"] = v
+    return out
+
+
+def vae_to_ldm(sd: dict[str, Tensor], num_blocks: int) -> dict[str, Tensor]:
+    out = {}
+    for key, v in sd.items():
+        new = key.replace("conv_norm_out", "norm_out")
+        if m := re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(.*)", new):
+            # LDM numbers the decoder's blocks from the bottom up.
+            i = int(m[3]) if m[2] == "down" else num_blocks - 1 - int(m[3])
+            rest = m[4].replace("downsamplers.0", "downsample").replace("upsamplers.0", "upsample")
+            new = f"{m[1]}.{m[2]}.{i}.{rest.replace('resnets.', 'block.')}".replace(
+                "conv_shortcut", "nin_shortcut"
+            )
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", new):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", new):
+            new = f"{m[1]}.mid.attn_1.{_renamed(m[2], _VAE_ATTN)}"
+            if v.ndim == 2:  # LDM's VAE attention uses 1x1 convolutions
+                v = v[:, :, None, None]
+        out[f"first_stage_model.{new}"] = v
+    return out
+
+
+def clip_to_ldm(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    # transformers 5's CLIPTextModel lost the ``text_model.`` wrapper that LDM files keep.
+    return {f"{prefix}text_model.{k.removeprefix('text_model.')}": v for k, v in sd.items()}
+
+
+def open_clip_to_ldm(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    out = {
+        f"{prefix}token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        f"{prefix}positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        f"{prefix}ln_final.weight": sd["text_model.final_layer_norm.weight"],
+        f"{prefix}ln_final.bias": sd["text_model.final_layer_norm.bias"],
+        f"{prefix}text_projection": sd["text_projection.weight"].T.contiguous(),
+    }
+    renames = (
+        ("layer_norm1", "ln_1"),
+        ("layer_norm2", "ln_2"),
+        ("mlp.fc1", "mlp.c_fc"),
+        ("mlp.fc2", "mlp.c_proj"),
+        ("self_attn.out_proj", "attn.out_proj"),
+    )
+    for key, v in sd.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
+        if not m or re.match(r"self_attn\.[qkv]_proj", m[2]):
+            continue
+        out[f"{prefix}transformer.resblocks.{m[1]}.{_renamed(m[2], renames)}"] = v
+        if m[2].startswith("self_attn.out_proj."):
+            part = m[2].rpartition(".")[2]
+            qkv = [sd[f"text_model.encoder.layers.{m[1]}.self_attn.{p}_proj.{part}"] for p in "qkv"]
+            out[f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{part}"] = torch.cat(qkv)
+    return out
+
+
+def base_to_ldm(base: Base) -> dict[str, Tensor]:
+    """The whole checkpoint, keyed as in an A1111 ``.safetensors`` of ``base``'s family."""
+    sd = unet_to_ldm(base.unet.state_dict(), base.unet.config.layers_per_block)
+    sd |= vae_to_ldm(base.vae.state_dict(), len(base.vae.config.block_out_channels))
+    te = [t.state_dict() for t in base.text_encoders]
+    if base.family == "sd15":
+        sd |= clip_to_ldm(te[0], "cond_stage_model.transformer.")
+    else:
+        sd |= clip_to_ldm(te[0], "conditioner.embedders.0.transformer.")
+        sd |= open_clip_to_ldm(te[1], "conditioner.embedders.1.model.")
+    return {k: v.contiguous() for k, v in sd.items()}
