@@ -201,10 +201,21 @@ def _tiny(family: Family) -> Base:
                 CLIPTextModelWithProjection(_tiny_text_config(n, "gelu", 40)),
             ]
             tokenizers = [tok, clip_tokenizer(TINY_NUM_MERGES, pad_token="!")]
+        _biased_layer_norms(encoders)
     return _finish(
         Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64),
         hash_source=f"tiny:{family}".encode(),
     )
+
+
+def _biased_layer_norms(encoders: list) -> None:
+    # Trained CLIP encoders have non-zero LayerNorm biases, so their outputs have a non-zero mean;
+    # fresh ones output exactly zero-mean tokens, and A1111's emphasis, which restores the mean
+    # after weighting, would divide by ~0. Random models should behave like real ones.
+    for encoder in encoders:
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.1)
 
 
 def _random(family: Family) -> Base:
@@ -220,6 +231,7 @@ def _random(family: Family) -> Base:
         else:
             encoders = [te1, CLIPTextModelWithProjection(CLIPTextConfig(**_config(family, "text_encoder_2")))]
             tokenizers = [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+        _biased_layer_norms(encoders)
     res = 512 if family == "sd15" else 1024
     return _finish(
         Base(f"random:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), res),
