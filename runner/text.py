@@ -136,7 +136,10 @@ def _rescale(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     before = states.float().mean(dim=(-2, -1), keepdim=True)
     weighted = states * weights.unsqueeze(-1)
     after = weighted.float().mean(dim=(-2, -1), keepdim=True)
-    return weighted * (before / after).to(states.dtype)
+    # A checkpoint whose outputs average to ~0 would blow up the ratio; weighting alone is then
+    # the best that can be done.
+    ratio = torch.where(after.abs() > 1e-6, before / after, torch.ones_like(after))
+    return weighted * ratio.to(states.dtype)
 
 
 def encode_prompts(
