@@ -7,7 +7,16 @@ import json
 import sys
 from typing import Any
 
-from .spec import DoneEvent, EpochEvent, FailedEvent, ProgressEvent, SpecError, StageEvent, TrainSpec, load_toml_settings
+from .spec import (
+    DoneEvent,
+    EpochEvent,
+    FailedEvent,
+    ProgressEvent,
+    SpecError,
+    StageEvent,
+    TrainSpec,
+    load_toml_settings,
+)
 
 
 def parse_value(text: str) -> Any:
@@ -55,7 +64,9 @@ class ProgressPrinter:
             if self.bar is None:
                 self.bar = self._tqdm(total=event.total_steps, unit="step", file=sys.stderr)
             self.bar.n = event.step
-            self.bar.set_postfix(epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False)
+            self.bar.set_postfix(
+                epoch=event.epoch, loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", refresh=False
+            )
             self.bar.refresh()
         elif isinstance(event, StageEvent):
             self._write(f"[{event.stage}] {event.message}")
@@ -103,16 +114,31 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loracord")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a LoRA", description=(
-        "Train a LoRA on a kohya-style folder (subfolders N_name repeat N times; captions in .txt files). "
-        "Every kohya setting is available by its name with --set, e.g. --set network_dim=8 --set lr_scheduler=cosine."))
+    t = sub.add_parser(
+        "train",
+        help="train a LoRA",
+        description=(
+            "Train a LoRA on a kohya-style folder (subfolders N_name repeat N times; captions in .txt files). "
+            "Every kohya setting is available by its name with --set, e.g. --set network_dim=8 --set lr_scheduler=cosine."
+        ),
+    )
     t.add_argument("data", help="training images: a folder (kohya layout N_name/ or images directly)")
-    t.add_argument("--base", required=True, help="tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, a .safetensors file or a diffusers folder")
-    t.add_argument("--name", required=True, help="LoRA name: files are NAME-000001.safetensors … NAME.safetensors")
+    t.add_argument(
+        "--base",
+        required=True,
+        help="tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, a .safetensors file or a diffusers folder",
+    )
+    t.add_argument(
+        "--name", required=True, help="LoRA name: files are NAME-000001.safetensors … NAME.safetensors"
+    )
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--trigger", help="trigger word, put first in every caption")
-    t.add_argument("--preset", choices=["character", "style", "concept"], help="starting settings for the base's family")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting by its kohya name (repeatable)")
+    t.add_argument(
+        "--preset", choices=["character", "style", "concept"], help="starting settings for the base's family"
+    )
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any setting by its kohya name (repeatable)"
+    )
     t.add_argument("--config", help="a TOML file of settings (kohya names); --set wins over it")
     t.add_argument("--resume", action="store_true", help="continue from the last saved epoch in --out")
     t.add_argument("--json", action="store_true", help="print events as JSON lines instead of a progress bar")

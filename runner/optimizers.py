@@ -16,7 +16,9 @@ _OPTIMIZERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "AdamW": ("torch.optim", "AdamW", "torch", {}),
     "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {}),
     "Adafactor": (
-        "transformers.optimization", "Adafactor", "transformers",
+        "transformers.optimization",
+        "Adafactor",
+        "transformers",
         {"scale_parameter": False, "relative_step": False, "warmup_init": False},
     ),
     "Lion": ("lion_pytorch", "Lion", "lion-pytorch", {}),
@@ -27,7 +29,9 @@ _OPTIMIZERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 }
 
 
-def make_optimizer(spec: TrainSpec, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    spec: TrainSpec, groups: list[dict[str, Any]], device: torch.device
+) -> torch.optim.Optimizer:
     module_name, class_name, package, defaults = _OPTIMIZERS[spec.optimizer_type]
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -41,7 +45,9 @@ def make_optimizer(spec: TrainSpec, groups: list[dict[str, Any]], device: torch.
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:
         choices = sorted(p for p in accepted if p not in ("self", "params", "lr"))
-        raise SpecError(f"optimizer_args {unknown} not understood by {spec.optimizer_type}; it takes {choices}")
+        raise SpecError(
+            f"optimizer_args {unknown} not understood by {spec.optimizer_type}; it takes {choices}"
+        )
     if cls is torch.optim.AdamW and device.type == "cuda" and "fused" not in kwargs:
         kwargs["fused"] = True  # one kernel for all LoRA tensors instead of one launch per tensor
     return cls(groups, lr=spec.learning_rate, **kwargs)

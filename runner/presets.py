@@ -30,20 +30,45 @@ _COMMON: dict[str, Any] = {
 _KINDS: dict[str, dict[str, Any]] = {
     # A person or character: captions describe everything except what the trigger word should hold.
     "character": {
-        "network_dim": 32, "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5,
-        "shuffle_caption": True, "keep_tokens": 1, "train_batch_size": 2, "noise_offset": 0.03,
+        "network_dim": 32,
+        "network_alpha": 16,
+        "learning_rate": 1e-4,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 5e-5,
+        "shuffle_caption": True,
+        "keep_tokens": 1,
+        "train_batch_size": 2,
+        "noise_offset": 0.03,
     },
     # A look: learnt mostly by the UNet; LoCon's conv layers carry texture and brushwork.
     "style": {
-        "network_dim": 32, "network_alpha": 16, "conv_dim": 8, "conv_alpha": 4, "learning_rate": 1e-4,
-        "unet_lr": 1e-4, "text_encoder_lr": 2e-5, "shuffle_caption": True, "keep_tokens": 1,
-        "caption_dropout_rate": 0.05, "flip_aug": True, "train_batch_size": 2, "noise_offset": 0.05,
+        "network_dim": 32,
+        "network_alpha": 16,
+        "conv_dim": 8,
+        "conv_alpha": 4,
+        "learning_rate": 1e-4,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 2e-5,
+        "shuffle_caption": True,
+        "keep_tokens": 1,
+        "caption_dropout_rate": 0.05,
+        "flip_aug": True,
+        "train_batch_size": 2,
+        "noise_offset": 0.05,
     },
     # An object, pose or clothing item.
     "concept": {
-        "network_dim": 16, "network_alpha": 8, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5,
-        "shuffle_caption": True, "keep_tokens": 1, "flip_aug": True, "train_batch_size": 2,
-        "max_train_epochs": 8, "noise_offset": 0.03,
+        "network_dim": 16,
+        "network_alpha": 8,
+        "learning_rate": 1e-4,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 5e-5,
+        "shuffle_caption": True,
+        "keep_tokens": 1,
+        "flip_aug": True,
+        "train_batch_size": 2,
+        "max_train_epochs": 8,
+        "noise_offset": 0.03,
     },
 }
 

@@ -40,11 +40,21 @@ def selftest(family: str = "sd15") -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_demo_dataset(Path(tmp) / "data")
-        spec = TrainSpec.parse({
-            "base": f"tiny:{family}", "train_data_dir": str(data), "output_dir": str(Path(tmp) / "out"),
-            "output_name": "selftest", "trigger_word": "sks", "max_train_epochs": 2, "network_dim": 4,
-            "network_alpha": 2, "learning_rate": 1e-3, "sample_steps": 2, "mixed_precision": "no",
-        })
+        spec = TrainSpec.parse(
+            {
+                "base": f"tiny:{family}",
+                "train_data_dir": str(data),
+                "output_dir": str(Path(tmp) / "out"),
+                "output_name": "selftest",
+                "trigger_word": "sks",
+                "max_train_epochs": 2,
+                "network_dim": 4,
+                "network_alpha": 2,
+                "learning_rate": 1e-3,
+                "sample_steps": 2,
+                "mixed_precision": "no",
+            }
+        )
         print(f"training a tiny {family} LoRA for 2 epochs on the CPU…")
         events: list = []
         result = train(spec, events.append, device="cpu")
@@ -53,21 +63,35 @@ def selftest(family: str = "sd15") -> int:
             print(f"  reason: {result.reason}")
             return 1
         epochs = [e for e in events if isinstance(e, EpochEvent)]
-        check("one LoRA file per epoch", [Path(e.lora_file).name for e in epochs]
-              == ["selftest-000001.safetensors", "selftest-000002.safetensors"])
+        check(
+            "one LoRA file per epoch",
+            [Path(e.lora_file).name for e in epochs]
+            == ["selftest-000001.safetensors", "selftest-000002.safetensors"],
+        )
         tensors, meta = read_lora(Path(result.lora_file))
-        prefixes = ("lora_unet_", "lora_te_") if family == "sd15" else ("lora_unet_", "lora_te1_", "lora_te2_")
-        check("kohya key names " + ", ".join(prefixes), all(any(k.startswith(p) for k in tensors) for p in prefixes))
+        prefixes = (
+            ("lora_unet_", "lora_te_") if family == "sd15" else ("lora_unet_", "lora_te1_", "lora_te2_")
+        )
+        check(
+            "kohya key names " + ", ".join(prefixes),
+            all(any(k.startswith(p) for k in tensors) for p in prefixes),
+        )
         alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
         check("alpha holds network_alpha (2)", alphas == {2.0})
-        check("ss_* metadata (dim, alpha, epoch, hashes)", meta.get("ss_network_dim") == "4"
-              and meta.get("ss_network_alpha") in ("2", "2.0") and meta.get("ss_epoch") == "2"
-              and bool(meta.get("sshs_model_hash")))
+        check(
+            "ss_* metadata (dim, alpha, epoch, hashes)",
+            meta.get("ss_network_dim") == "4"
+            and meta.get("ss_network_alpha") in ("2", "2.0")
+            and meta.get("ss_epoch") == "2"
+            and bool(meta.get("sshs_model_hash")),
+        )
         trained = any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in tensors.items())
         check("training moved the weights", trained)
         samples = [Path(p) for e in epochs for p in e.sample_images]
-        check("sample images with A1111 parameters", bool(samples)
-              and all("Steps:" in Image.open(p).info.get("parameters", "") for p in samples))
+        check(
+            "sample images with A1111 parameters",
+            bool(samples) and all("Steps:" in Image.open(p).info.get("parameters", "") for p in samples),
+        )
     ok = all(passed for _, passed in checks)
     print(f"selftest {'passed' if ok else 'FAILED'} in {time.monotonic() - started:.1f}s")
     return 0 if ok else 1

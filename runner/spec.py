@@ -18,15 +18,14 @@ Family = Literal["sd15", "sdxl"]
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
-OptimizerType = Literal[
-    "AdamW", "AdamW8bit", "Adafactor", "Lion", "DAdaptation", "DAdaptAdam", "Prodigy"
-]
+OptimizerType = Literal["AdamW", "AdamW8bit", "Adafactor", "Lion", "DAdaptation", "DAdaptAdam", "Prodigy"]
 Precision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["float", "fp16", "bf16"]
 SampleSampler = Literal["euler_a", "euler", "ddim", "dpmsolver++", "lms", "heun", "pndm", "unipc"]
-BlockWeights = list[Annotated[float, Field(ge=0.0, le=10.0)]] | Literal[
-    "sine", "cosine", "linear", "reverse_linear", "zeros"
-]
+BlockWeights = (
+    list[Annotated[float, Field(ge=0.0, le=10.0)]]
+    | Literal["sine", "cosine", "linear", "reverse_linear", "zeros"]
+)
 
 
 class SpecError(ValueError):
@@ -83,7 +82,9 @@ class _Spec(BaseModel):
 class TrainSpec(_Spec):
     # What and where.
     output_name: str = Field(min_length=1, max_length=120)
-    base: str = Field(min_length=1, description="tiny:sd15, random:sdxl, a .safetensors file or a diffusers folder")
+    base: str = Field(
+        min_length=1, description="tiny:sd15, random:sdxl, a .safetensors file or a diffusers folder"
+    )
     train_data_dir: str
     output_dir: str
     trigger_word: str | None = None
@@ -129,7 +130,9 @@ class TrainSpec(_Spec):
     unet_lr: float | None = Field(None, ge=0.0, le=10.0)
     text_encoder_lr: float | None = Field(None, ge=0.0, le=10.0)
     lr_scheduler: LrScheduler = "cosine"
-    lr_warmup_steps: float = Field(0, ge=0, le=100000, description="steps, or a fraction of all steps when < 1")
+    lr_warmup_steps: float = Field(
+        0, ge=0, le=100000, description="steps, or a fraction of all steps when < 1"
+    )
     lr_scheduler_num_cycles: int = Field(1, ge=1, le=100)
     lr_scheduler_power: float = Field(1.0, gt=0.0, le=10.0)
     optimizer_type: OptimizerType = "AdamW"
@@ -293,7 +296,9 @@ class _EventBox(BaseModel):
     event: Event
 
 
-def parse_event(line: str | dict[str, Any]) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent:
+def parse_event(
+    line: str | dict[str, Any],
+) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent:
     data = json.loads(line) if isinstance(line, str) else line
     return _EventBox.model_validate({"event": data}).event
 

@@ -13,9 +13,9 @@ import random
 import re
 import shutil
 import sys
-import traceback
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batch
 from .generate import Sampler, default_sample_prompts, parse_sample_prompt, save_png
 from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metadata
 from .models import Base, ModelError, load_base
-from .network import add_lora, load_lora_state, lora_parameters, lora_state, param_groups
+from .network import add_lora, load_lora_state, lora_state, param_groups
 from .optimizers import describe_optimizer, make_optimizer
 from .presets import preset_settings
 from .spec import (
@@ -58,7 +58,11 @@ def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
     """The spec with the preset applied under the member's own settings and sizes filled in."""
     updates: dict[str, Any] = {}
     if spec.preset:
-        updates = {k: v for k, v in preset_settings(spec.preset, base.family).items() if k not in spec.model_fields_set}
+        updates = {
+            k: v
+            for k, v in preset_settings(spec.preset, base.family).items()
+            if k not in spec.model_fields_set
+        }
     merged = {**spec.model_dump(), **updates}
     native = base.native_resolution
     res = merged["resolution"] or (native, native)
@@ -68,15 +72,20 @@ def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
     merged["min_bucket_reso"] = merged["min_bucket_reso"] or max(step, min(res) // 2 // step * step)
     merged["max_bucket_reso"] = merged["max_bucket_reso"] or max(res) * 2
     if base.family == "sdxl" and merged["clip_skip"] not in (None, 1, 2):
-        raise SpecError("clip_skip: SDXL always uses the penultimate text-encoder layer; leave clip_skip unset")
+        raise SpecError(
+            "clip_skip: SDXL always uses the penultimate text-encoder layer; leave clip_skip unset"
+        )
     n_layers = base.text_encoders[0].config.num_hidden_layers
     if merged["clip_skip"] and merged["clip_skip"] > n_layers:
-        raise SpecError(f"clip_skip must be between 1 and {n_layers} for this model (got {merged['clip_skip']})")
+        raise SpecError(
+            f"clip_skip must be between 1 and {n_layers} for this model (got {merged['clip_skip']})"
+        )
     return TrainSpec.parse(merged)
 
 
-def pyramid_noise(shape: torch.Size, iterations: int, discount: float, gen: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
+def pyramid_noise(
+    shape: torch.Size, iterations: int, discount: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
     # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it.
     b, c, h, w = shape
     noise = torch.randn(shape, generator=gen, device=device)
@@ -100,8 +109,13 @@ class Batch:
 class Trainer:
     """State of one training run; `run` is the loop."""
 
-    def __init__(self, spec: TrainSpec, emit: Emit, cancel: threading.Event | None = None,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        spec: TrainSpec,
+        emit: Emit,
+        cancel: threading.Event | None = None,
+        device: str | torch.device | None = None,
+    ):
         self.request = spec
         self.emit = emit
         self.cancel = cancel or threading.Event()
@@ -116,9 +130,27 @@ class Trainer:
         self.out = Path(spec.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.dataset: Dataset = load_dataset(spec)
-        for name, why in getattr(self.dataset, "skipped", []):
+        for name, why in self.dataset.skipped:
             self.emit(StageEvent(stage="dataset", message=f"skipped {name}: {why}"))
         self.rules = CaptionRules(spec)
+        # Sample lines are checked now, not after the first epoch's hour of training.
+        lines = spec.sample_prompts or default_sample_prompts(spec.trigger_word, self.dataset.common_tags(8))
+        w, h = spec.resolution
+        try:
+            self.sample_prompts = [
+                parse_sample_prompt(
+                    line,
+                    width=w,
+                    height=h,
+                    steps=spec.sample_steps,
+                    sampler=spec.sample_sampler,
+                    seed=spec.seed + i,
+                )
+                for i, line in enumerate(lines)
+            ]
+        except ValueError as e:
+            raise SpecError(f"sample_prompts: {e}") from None
+        self.sampler: Sampler | None = None
         self.autocast_dtype = DTYPES[spec.mixed_precision]
         # Frozen weights live in the compute dtype on a GPU; on a CPU autocast handles it and
         # fp32 weights keep results exact and reproducible.
@@ -126,7 +158,11 @@ class Trainer:
         self.base.to(self.device, weight_dtype)
         torch.manual_seed(spec.seed)
         add_lora(self.base, spec)
-        trained = [m for m in (self.base.unet, *self.base.text_encoders) if any(p.requires_grad for p in m.parameters())]
+        trained = [
+            m
+            for m in (self.base.unet, *self.base.text_encoders)
+            if any(p.requires_grad for p in m.parameters())
+        ]
         cast_training_params(trained, dtype=torch.float32)
         if spec.gradient_checkpointing:
             if spec.train_unet:
@@ -138,9 +174,13 @@ class Trainer:
         if not self.groups:
             raise SpecError("nothing to train: unet_lr and text_encoder_lr (or block weights) are all 0")
         self.optimizer = make_optimizer(spec, self.groups, self.device)
-        self.scaler = torch.amp.GradScaler(enabled=spec.mixed_precision == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(
+            enabled=spec.mixed_precision == "fp16" and self.device.type == "cuda"
+        )
 
-        self.batches_per_epoch = len(epoch_batches(self.dataset, spec.train_batch_size, 0, spec.seed, spec.flip_aug))
+        self.batches_per_epoch = len(
+            epoch_batches(self.dataset, spec.train_batch_size, 0, spec.seed, spec.flip_aug)
+        )
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / spec.gradient_accumulation_steps)
         if spec.max_train_epochs:  # epochs win over steps, as in kohya
             self.num_epochs = spec.max_train_epochs
@@ -149,19 +189,27 @@ class Trainer:
             self.total_steps = spec.max_train_steps or 0
             self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr_scheduler = get_scheduler(
-            spec.lr_scheduler, self.optimizer, num_warmup_steps=spec.warmup_steps(self.total_steps),
-            num_training_steps=self.total_steps, num_cycles=spec.lr_scheduler_num_cycles,
+            spec.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=spec.warmup_steps(self.total_steps),
+            num_training_steps=self.total_steps,
+            num_cycles=spec.lr_scheduler_num_cycles,
             power=spec.lr_scheduler_power,
         )
         self.noise_scheduler = self.base.noise_scheduler()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.gen = torch.Generator(self.device)
         self.facts = TrainingFacts(
-            session_id=str(uuid.uuid4().int >> 96), training_started_at=time.time(),
-            num_train_images=self.dataset.num_train_images(), num_batches_per_epoch=self.batches_per_epoch,
-            num_epochs=self.num_epochs, max_train_steps=self.total_steps,
-            tag_frequency=self.dataset.tag_frequency(), dataset_dirs=self.dataset.dataset_dirs(),
-            bucket_info=self.dataset.bucket_info(), optimizer=describe_optimizer(self.optimizer, spec),
+            session_id=str(uuid.uuid4().int >> 96),
+            training_started_at=time.time(),
+            num_train_images=self.dataset.num_train_images(),
+            num_batches_per_epoch=self.batches_per_epoch,
+            num_epochs=self.num_epochs,
+            max_train_steps=self.total_steps,
+            tag_frequency=self.dataset.tag_frequency(),
+            dataset_dirs=self.dataset.dataset_dirs(),
+            bucket_info=self.dataset.bucket_info(),
+            optimizer=describe_optimizer(self.optimizer, spec),
             lr_warmup_steps=spec.warmup_steps(self.total_steps),
         )
         self.metadata = training_metadata(spec, self.base, self.facts)
@@ -177,11 +225,19 @@ class Trainer:
             for i, (item, flip) in enumerate(todo):
                 self._check_cancel()
                 if i % 10 == 0:
-                    self.emit(StageEvent(stage="cache_latents", message="encoding images once with the VAE",
-                                         current=i, total=len(todo)))
+                    self.emit(
+                        StageEvent(
+                            stage="cache_latents",
+                            message="encoding images once with the VAE",
+                            current=i,
+                            total=len(todo),
+                        )
+                    )
                 self.latent_cache[(str(item.path), flip)] = self._encode_images([item], [flip])[0]
         self.cond_cache: dict[str, Conditioning] = {}
-        self.cache_text = spec.cache_text_encoder_outputs and not spec.train_text_encoder and not self.rules.varies()
+        self.cache_text = (
+            spec.cache_text_encoder_outputs and not spec.train_text_encoder and not self.rules.varies()
+        )
         if self.cache_text:
             self.emit(StageEvent(stage="cache_text", message="encoding captions once"))
             captions = {self.rules.apply(item.caption, 0, random.Random(0)) for item in self.dataset.items}
@@ -204,10 +260,17 @@ class Trainer:
         return latents.float() * vae.config.scaling_factor
 
     def _encode_text(self, captions: list[str], grad: bool) -> Conditioning:
-        with torch.set_grad_enabled(grad), torch.autocast(self.device.type, self.autocast_dtype,
-                                                           enabled=self.spec.mixed_precision != "no"):
-            return encode_prompts(self.base, captions, max_token_length=self.spec.max_token_length,
-                                  clip_skip=self.spec.clip_skip, weighted=self.spec.weighted_captions)
+        with (
+            torch.set_grad_enabled(grad),
+            torch.autocast(self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"),
+        ):
+            return encode_prompts(
+                self.base,
+                captions,
+                max_token_length=self.spec.max_token_length,
+                clip_skip=self.spec.clip_skip,
+                weighted=self.spec.weighted_captions,
+            )
 
     def _time_ids(self, items: list[ImageItem]) -> torch.Tensor:
         # SDXL's micro-conditioning: original size, crop offset, target size. They follow from
@@ -232,8 +295,10 @@ class Trainer:
         captions = [self.rules.apply(i.caption, epoch, rng) for i in items]
         if self.cache_text:
             parts = [self.cond_cache[c] for c in captions]
-            cond = Conditioning(torch.cat([p.hidden_states for p in parts]),
-                                None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]))
+            cond = Conditioning(
+                torch.cat([p.hidden_states for p in parts]),
+                None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]),
+            )
         else:
             cond = self._encode_text(captions, grad=self.spec.train_text_encoder)
         time_ids = self._time_ids(items) if self.base.family == "sdxl" else None
@@ -242,21 +307,29 @@ class Trainer:
     def _noise(self, latents: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if spec.multires_noise_iterations:
-            noise = pyramid_noise(latents.shape, spec.multires_noise_iterations, spec.multires_noise_discount,
-                                  self.gen, self.device)
+            noise = pyramid_noise(
+                latents.shape,
+                spec.multires_noise_iterations,
+                spec.multires_noise_discount,
+                self.gen,
+                self.device,
+            )
         else:
             noise = torch.randn(latents.shape, generator=self.gen, device=self.device)
         if spec.noise_offset:
             b, c = latents.shape[:2]
-            noise = noise + spec.noise_offset * torch.randn((b, c, 1, 1), generator=self.gen, device=self.device)
+            noise = noise + spec.noise_offset * torch.randn(
+                (b, c, 1, 1), generator=self.gen, device=self.device
+            )
         return noise
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         sched = self.noise_scheduler
         latents = batch.latents
         noise = self._noise(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.gen,
-                          device=self.device)
+        t = torch.randint(
+            0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.gen, device=self.device
+        )
         noisy = sched.add_noise(latents, noise, t)
         prediction_type = sched.config.prediction_type
         target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
@@ -283,13 +356,23 @@ class Trainer:
         tmp = self.out / f".{self.spec.output_name}-state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in lora_state(self.base).items()}, str(tmp / "lora.safetensors"))
-        torch.save({
-            "epoch": epoch, "step": step, "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "settings": self._resume_key(), "metadata": self.metadata,
-        }, tmp / "train_state.pt")
+        save_file(
+            {k: v.contiguous() for k, v in lora_state(self.base).items()}, str(tmp / "lora.safetensors")
+        )
+        torch.save(
+            {
+                "epoch": epoch,
+                "step": step,
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "generator": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "settings": self._resume_key(),
+                "metadata": self.metadata,
+            },
+            tmp / "train_state.pt",
+        )
         final = self._state_dir()
         old = self.out / f".{self.spec.output_name}-state.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -300,8 +383,16 @@ class Trainer:
 
     def _resume_key(self) -> dict[str, Any]:
         # What must match for a resumed run to be the same run.
-        return self.spec.model_dump(exclude={"resume", "output_dir", "training_comment", "sample_prompts",
-                                             "save_every_n_epochs", "sample_every_n_epochs"})
+        return self.spec.model_dump(
+            exclude={
+                "resume",
+                "output_dir",
+                "training_comment",
+                "sample_prompts",
+                "save_every_n_epochs",
+                "sample_every_n_epochs",
+            }
+        )
 
     def _load_state(self) -> tuple[int, int]:
         state_dir = self._state_dir()
@@ -332,29 +423,37 @@ class Trainer:
         images, prompts = [], []
         if every and (epoch % every == 0 or epoch == self.num_epochs):
             images, prompts = self._samples(epoch)
-        return EpochEvent(epoch=epoch, step=step, lora_file=str(path), sample_images=images, sample_prompts=prompts)
+        return EpochEvent(
+            epoch=epoch, step=step, lora_file=str(path), sample_images=images, sample_prompts=prompts
+        )
 
     def _samples(self, epoch: int) -> tuple[list[str], list[str]]:
         spec = self.spec
-        lines = spec.sample_prompts or default_sample_prompts(spec.trigger_word, self.dataset.common_tags(8))
-        w, h = spec.resolution
-        sampler = Sampler(self.base, device=self.device, dtype=self.autocast_dtype, clip_skip=spec.clip_skip)
+        if self.sampler is None:
+            self.sampler = Sampler(
+                self.base, device=self.device, dtype=self.autocast_dtype, clip_skip=spec.clip_skip
+            )
         sample_dir = self.out / "sample"
         sample_dir.mkdir(exist_ok=True)
+        name = f"{spec.output_name}-{epoch:06d}"
         paths = []
-        for i, line in enumerate(lines):
+        for i, sp in enumerate(self.sample_prompts):
             self._check_cancel()
-            sp = parse_sample_prompt(line, width=w, height=h, steps=spec.sample_steps, sampler=spec.sample_sampler,
-                                     seed=spec.seed + i)
-            self.emit(StageEvent(stage="sample", message=f"sample {i + 1}/{len(lines)}", current=i, total=len(lines)))
-            image = sampler.render(sp)
-            path = sample_dir / f"{spec.output_name}-{epoch:06d}-{i:02d}.png"
-            name = f"{spec.output_name}-{epoch:06d}"
-            save_png(image, path, sampler.parameters_text(sp, self.base.name, self.base.model_hash,
-                                                          extra={"Lora": name}))
+            self.emit(
+                StageEvent(
+                    stage="sample",
+                    message=f"sample {i + 1}/{len(self.sample_prompts)}",
+                    current=i,
+                    total=len(self.sample_prompts),
+                )
+            )
+            path = sample_dir / f"{name}-{i:02d}.png"
+            text = self.sampler.parameters_text(
+                sp, self.base.name, self.base.model_hash, extra={"Lora": name}
+            )
+            save_png(self.sampler.render(sp), path, text)
             paths.append(str(path))
-        return paths, [parse_sample_prompt(line, width=w, height=h, steps=spec.sample_steps,
-                                           sampler=spec.sample_sampler, seed=spec.seed).prompt for line in lines]
+        return paths, [sp.prompt for sp in self.sample_prompts]
 
     def _check_cancel(self) -> None:
         if self.cancel.is_set():
@@ -368,8 +467,9 @@ class Trainer:
         spec = self.spec
         start_epoch, step = self._load_state() if spec.resume else (0, 0)
         modules = [self.base.unet, *self.base.text_encoders]
-        for m, train in zip(modules, [spec.train_unet] + [spec.train_text_encoder] * len(self.base.text_encoders),
-                            strict=True):
+        for m, train in zip(
+            modules, [spec.train_unet] + [spec.train_text_encoder] * len(self.base.text_encoders), strict=True
+        ):
             m.train(train)
         params = [p for g in self.groups for p in g["params"]]
         pattern = re.compile(re.escape(spec.output_name) + r"-\d{6}\.safetensors")
@@ -401,11 +501,17 @@ class Trainer:
                     raise FloatingPointError(step)
                 loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
                 rate = (step - step0) / max(time.monotonic() - t0, 1e-6)
-                self.emit(ProgressEvent(
-                    step=step, total_steps=self.total_steps, epoch=epoch, loss=loss_avg,
-                    lr=self.lr_scheduler.get_last_lr()[0], eta_s=(self.total_steps - step) / rate if rate else 0.0,
-                    samples_per_s=rate * spec.train_batch_size * spec.gradient_accumulation_steps,
-                ))
+                self.emit(
+                    ProgressEvent(
+                        step=step,
+                        total_steps=self.total_steps,
+                        epoch=epoch,
+                        loss=loss_avg,
+                        lr=self.lr_scheduler.get_last_lr()[0],
+                        eta_s=(self.total_steps - step) / rate if rate else 0.0,
+                        samples_per_s=rate * spec.train_batch_size * spec.gradient_accumulation_steps,
+                    )
+                )
                 if step >= self.total_steps:
                     break
             last = epoch == self.num_epochs or step >= self.total_steps
@@ -417,8 +523,12 @@ class Trainer:
                 break
         final = self.out / f"{spec.output_name}.safetensors"
         shutil.copyfile(epoch_files[-1], final)
-        return DoneEvent(lora_file=str(final), epoch_files=epoch_files, steps=step,
-                         seconds=round(time.monotonic() - started, 2))
+        return DoneEvent(
+            lora_file=str(final),
+            epoch_files=epoch_files,
+            steps=step,
+            seconds=round(time.monotonic() - started, 2),
+        )
 
 
 def _oom_advice(spec: TrainSpec) -> str:
@@ -437,8 +547,12 @@ def _oom_advice(spec: TrainSpec) -> str:
     return advice
 
 
-def train(spec: TrainSpec, emit: Emit, cancel: threading.Event | None = None,
-          device: str | torch.device | None = None) -> DoneEvent | FailedEvent:
+def train(
+    spec: TrainSpec,
+    emit: Emit,
+    cancel: threading.Event | None = None,
+    device: str | torch.device | None = None,
+) -> DoneEvent | FailedEvent:
     """Run one training job; every outcome is an event, never an exception."""
     trainer = Trainer(spec, emit, cancel, device)
     try:
@@ -449,11 +563,16 @@ def train(spec: TrainSpec, emit: Emit, cancel: threading.Event | None = None,
         result = FailedEvent(kind="cancelled", reason="cancelled; epochs saved so far are kept")
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        result = FailedEvent(kind="out_of_memory", reason="the GPU ran out of memory: "
-                             + _oom_advice(getattr(trainer, "spec", spec)))
+        result = FailedEvent(
+            kind="out_of_memory",
+            reason="the GPU ran out of memory: " + _oom_advice(getattr(trainer, "spec", spec)),
+        )
     except FloatingPointError as e:
-        result = FailedEvent(kind="error", reason=f"the loss became NaN/inf at step {e}: lower the learning rate, "
-                             "or use mixed_precision=bf16 instead of fp16")
+        result = FailedEvent(
+            kind="error",
+            reason=f"the loss became NaN/inf at step {e}: lower the learning rate, "
+            "or use mixed_precision=bf16 instead of fp16",
+        )
     except Exception as e:  # the worker must outlive any one job; the log keeps the traceback
         traceback.print_exc(file=sys.stderr)
         result = FailedEvent(kind="error", reason=f"{type(e).__name__}: {e}")

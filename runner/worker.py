@@ -30,7 +30,9 @@ class Worker:
         self.cancel_event.clear()
         kind = job.get("type")
         if kind != "train":
-            event = FailedEvent(kind="bad_input", reason=f"unknown job type {kind!r}; this worker runs: train")
+            event = FailedEvent(
+                kind="bad_input", reason=f"unknown job type {kind!r}; this worker runs: train"
+            )
             emit(event)
             return event
         try:

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def loracord(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,34 +35,91 @@ def test_set_values_parse_like_kohya():
 
 def test_train_json_events_and_files(tmp_path, data):
     out = tmp_path / "out"
-    proc = loracord("train", str(data), "--base", "tiny:sdxl", "--name", "ずんだ", "--out", str(out),
-                    "--trigger", "sks", "--set", "network_dim=8", "--set", "network_alpha=4",
-                    "--set", "max_train_epochs=2", "--set", "sample_steps=2", "--json")
+    proc = loracord(
+        "train",
+        str(data),
+        "--base",
+        "tiny:sdxl",
+        "--name",
+        "ずんだ",
+        "--out",
+        str(out),
+        "--trigger",
+        "sks",
+        "--set",
+        "network_dim=8",
+        "--set",
+        "network_alpha=4",
+        "--set",
+        "max_train_epochs=2",
+        "--set",
+        "sample_steps=2",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     events = [parse_event(line) for line in proc.stdout.splitlines()]
     assert [e.type for e in events if e.type in ("epoch", "done")] == ["epoch", "epoch", "done"]
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "ずんだ-000001.safetensors", "ずんだ-000002.safetensors", "ずんだ.safetensors"]
+        "ずんだ-000001.safetensors",
+        "ずんだ-000002.safetensors",
+        "ずんだ.safetensors",
+    ]
     assert len(list((out / "sample").glob("*.png"))) >= 2
 
 
 def test_train_refuses_bad_settings_with_one_line(tmp_path, data):
-    proc = loracord("train", str(data), "--base", "tiny:sd15", "--name", "x", "--out", str(tmp_path),
-                    "--set", "network_dim=0")
+    proc = loracord(
+        "train",
+        str(data),
+        "--base",
+        "tiny:sd15",
+        "--name",
+        "x",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "network_dim=0",
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: network_dim must be between 1 and 1024 (got 0)"
-    proc = loracord("train", str(tmp_path / "nothing"), "--base", "tiny:sd15", "--name", "x", "--out",
-                    str(tmp_path), "--set", "sample_every_n_epochs=0")
+    proc = loracord(
+        "train",
+        str(tmp_path / "nothing"),
+        "--base",
+        "tiny:sd15",
+        "--name",
+        "x",
+        "--out",
+        str(tmp_path),
+        "--set",
+        "sample_every_n_epochs=0",
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
 
 
 def test_config_file_and_set_precedence(tmp_path, data):
     config = tmp_path / "c.toml"
-    config.write_text('[network]\nnetwork_dim = 8\nnetwork_alpha = 8\n[training]\nmax_train_epochs = 1\n'
-                      'sample_every_n_epochs = 0\n', encoding="utf-8")
-    proc = loracord("train", str(data), "--base", "tiny:sd15", "--name", "c", "--out", str(tmp_path / "o"),
-                    "--config", str(config), "--set", "network_alpha=2", "--json")
+    config.write_text(
+        "[network]\nnetwork_dim = 8\nnetwork_alpha = 8\n[training]\nmax_train_epochs = 1\n"
+        "sample_every_n_epochs = 0\n",
+        encoding="utf-8",
+    )
+    proc = loracord(
+        "train",
+        str(data),
+        "--base",
+        "tiny:sd15",
+        "--name",
+        "c",
+        "--out",
+        str(tmp_path / "o"),
+        "--config",
+        str(config),
+        "--set",
+        "network_alpha=2",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     from safetensors import safe_open
 
@@ -77,10 +135,22 @@ def test_bot_cli_never_loads_torch():
 
 
 def test_worker_streams_events_and_obeys_cancel(tmp_path, data):
-    spec = {"base": "tiny:sd15", "train_data_dir": str(data), "output_dir": str(tmp_path), "output_name": "w",
-            "max_train_epochs": 50, "sample_every_n_epochs": 0, "network_dim": 4}
-    proc = subprocess.Popen([sys.executable, "-m", "runner.worker", "cpu"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    spec = {
+        "base": "tiny:sd15",
+        "train_data_dir": str(data),
+        "output_dir": str(tmp_path),
+        "output_name": "w",
+        "max_train_epochs": 50,
+        "sample_every_n_epochs": 0,
+        "network_dim": 4,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.worker", "cpu"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     proc.stdin.write(json.dumps({"type": "train", "spec": spec}) + "\n")
     proc.stdin.flush()
     events = []
@@ -100,8 +170,14 @@ def test_worker_streams_events_and_obeys_cancel(tmp_path, data):
 
 
 def test_worker_refuses_bad_job_lines():
-    proc = subprocess.run([sys.executable, "-m", "runner.worker"], input='not json\n{"type": "train", "spec": '
-                          '{"network_dim": 8}}\n', capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.worker"],
+        input='not json\n{"type": "train", "spec": {"network_dim": 8}}\n',
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     events = [parse_event(line) for line in proc.stdout.splitlines()]
     assert [e.kind for e in events] == ["bad_input", "bad_input"]
     assert "base" in events[1].reason and "field required" in events[1].reason.lower()

@@ -9,20 +9,23 @@ from runner.spec import EpochEvent, FailedEvent, ProgressEvent, SpecError, Train
 BASE = {"base": "tiny:sd15", "train_data_dir": "d", "output_dir": "o", "output_name": "n"}
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"network_dim": 2048}, "network_dim must be between 1 and 1024 (got 2048)"),
-    ({"learning_rate": 0}, "learning_rate must be between 0.0 and 10.0 (got 0)"),
-    ({"caption_dropout_rate": 1.5}, "caption_dropout_rate must be between 0.0 and 1.0"),
-    ({"lr_scheduler": "cosine_annealing"}, "lr_scheduler must be one of"),
-    ({"optimizer_type": "SGD"}, "optimizer_type must be one of"),
-    ({"max_token_length": 100}, "max_token_length must be one of"),
-    ({"network_dimm": 8}, "unknown setting 'network_dimm' (did you mean network_dim"),
-    ({"resolution": "500,512"}, "multiple of 8"),
-    ({"output_name": "a/b"}, "output_name"),
-    ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "cannot both be set"),
-    ({"conv_alpha": 4}, "conv_alpha needs conv_dim"),
-    ({"max_train_epochs": None}, "set max_train_epochs or max_train_steps"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"network_dim": 2048}, "network_dim must be between 1 and 1024 (got 2048)"),
+        ({"learning_rate": 0}, "learning_rate must be between 0.0 and 10.0 (got 0)"),
+        ({"caption_dropout_rate": 1.5}, "caption_dropout_rate must be between 0.0 and 1.0"),
+        ({"lr_scheduler": "cosine_annealing"}, "lr_scheduler must be one of"),
+        ({"optimizer_type": "SGD"}, "optimizer_type must be one of"),
+        ({"max_token_length": 100}, "max_token_length must be one of"),
+        ({"network_dimm": 8}, "unknown setting 'network_dimm' (did you mean network_dim"),
+        ({"resolution": "500,512"}, "multiple of 8"),
+        ({"output_name": "a/b"}, "output_name"),
+        ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "cannot both be set"),
+        ({"conv_alpha": 4}, "conv_alpha needs conv_dim"),
+        ({"max_train_epochs": None}, "set max_train_epochs or max_train_steps"),
+    ],
+)
 def test_refusals_name_the_setting_and_range(settings, message):
     with pytest.raises(SpecError) as e:
         TrainSpec.parse({**BASE, **settings})
@@ -51,8 +54,14 @@ def test_learning_rate_fallbacks_and_warmup_fraction():
 
 
 def test_events_parse_by_type():
-    assert isinstance(parse_event(ProgressEvent(step=1, total_steps=2, epoch=1, loss=0.1, lr=1e-4, eta_s=3,
-                                                samples_per_s=1).model_dump_json()), ProgressEvent)
+    assert isinstance(
+        parse_event(
+            ProgressEvent(
+                step=1, total_steps=2, epoch=1, loss=0.1, lr=1e-4, eta_s=3, samples_per_s=1
+            ).model_dump_json()
+        ),
+        ProgressEvent,
+    )
     assert isinstance(parse_event({"type": "epoch", "epoch": 1, "step": 4, "lora_file": "x"}), EpochEvent)
     failed = parse_event('{"type": "failed", "kind": "out_of_memory", "reason": "lower train_batch_size"}')
     assert isinstance(failed, FailedEvent) and failed.kind == "out_of_memory"

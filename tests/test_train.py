@@ -23,11 +23,22 @@ def data(tmp_path_factory) -> Path:
 
 
 def run(out: Path, data: Path, cancel: threading.Event | None = None, on_event=None, **settings):
-    spec = TrainSpec.parse({
-        "base": "tiny:sd15", "train_data_dir": str(data), "output_dir": str(out), "output_name": "t",
-        "trigger_word": "sks", "max_train_epochs": 1, "network_dim": 4, "network_alpha": 2, "learning_rate": 1e-3,
-        "sample_every_n_epochs": 0, "lr_scheduler": "constant", **settings,
-    })
+    spec = TrainSpec.parse(
+        {
+            "base": "tiny:sd15",
+            "train_data_dir": str(data),
+            "output_dir": str(out),
+            "output_name": "t",
+            "trigger_word": "sks",
+            "max_train_epochs": 1,
+            "network_dim": 4,
+            "network_alpha": 2,
+            "learning_rate": 1e-3,
+            "sample_every_n_epochs": 0,
+            "lr_scheduler": "constant",
+            **settings,
+        }
+    )
     events: list = []
 
     def emit(e):
@@ -50,11 +61,15 @@ def baseline(tmp_path_factory, data):
 
 
 def test_files_events_and_samples_per_epoch(tmp_path, data):
-    result, events, tensors = run(tmp_path, data, max_train_epochs=2, sample_every_n_epochs=None,
-                                  sample_steps=2, output_name="キャラ✨")
+    result, events, tensors = run(
+        tmp_path, data, max_train_epochs=2, sample_every_n_epochs=None, sample_steps=2, output_name="キャラ✨"
+    )
     assert isinstance(result, DoneEvent), result
     epochs = [e for e in events if isinstance(e, EpochEvent)]
-    assert [Path(e.lora_file).name for e in epochs] == ["キャラ✨-000001.safetensors", "キャラ✨-000002.safetensors"]
+    assert [Path(e.lora_file).name for e in epochs] == [
+        "キャラ✨-000001.safetensors",
+        "キャラ✨-000002.safetensors",
+    ]
     assert Path(result.lora_file).name == "キャラ✨.safetensors"
     assert same(load_file(result.lora_file), load_file(epochs[-1].lora_file))
     for e in epochs:
@@ -85,8 +100,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, data):
             cancel.set()
 
     out = tmp_path / "resumed"
-    first, _, _ = run(out, data, cancel=cancel, on_event=stop_after_first_epoch, max_train_epochs=3,
-                      lr_scheduler="cosine")
+    first, _, _ = run(
+        out, data, cancel=cancel, on_event=stop_after_first_epoch, max_train_epochs=3, lr_scheduler="cosine"
+    )
     assert isinstance(first, FailedEvent) and first.kind == "cancelled"
     assert (out / "t-000001.safetensors").exists() and not (out / "t-000002.safetensors").exists()
     result, events, resumed = run(out, data, max_train_epochs=3, lr_scheduler="cosine", resume=True)
@@ -126,27 +142,30 @@ def test_bad_input_is_a_failed_event_not_a_traceback(tmp_path, data):
 # ---- each setting has an effect ----
 
 
-@pytest.mark.parametrize("settings", [
-    {"learning_rate": 5e-4},
-    {"network_alpha": 4},
-    {"unet_lr": 2e-3},
-    {"text_encoder_lr": 2e-3},
-    {"noise_offset": 0.1},
-    {"multires_noise_iterations": 6, "multires_noise_discount": 0.3},
-    {"clip_skip": 2},
-    {"max_grad_norm": 0.0001},
-    {"shuffle_caption": True},
-    {"caption_dropout_rate": 0.9},
-    {"flip_aug": True},
-    {"weighted_captions": True, "trigger_word": "(sks:1.5)"},
-    {"max_token_length": 150},
-    {"optimizer_type": "Lion"},
-    {"optimizer_type": "Adafactor"},
-    {"optimizer_type": "Prodigy", "learning_rate": 1.0},
-    {"optimizer_type": "DAdaptAdam", "learning_rate": 1.0},
-    {"optimizer_args": {"weight_decay": 0.5, "betas": [0.8, 0.9]}},
-    {"mixed_precision": "bf16"},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"learning_rate": 5e-4},
+        {"network_alpha": 4},
+        {"unet_lr": 2e-3},
+        {"text_encoder_lr": 2e-3},
+        {"noise_offset": 0.1},
+        {"multires_noise_iterations": 6, "multires_noise_discount": 0.3},
+        {"clip_skip": 2},
+        {"max_grad_norm": 0.0001},
+        {"shuffle_caption": True},
+        {"caption_dropout_rate": 0.9},
+        {"flip_aug": True},
+        {"weighted_captions": True, "trigger_word": "(sks:1.5)"},
+        {"max_token_length": 150},
+        {"optimizer_type": "Lion"},
+        {"optimizer_type": "Adafactor"},
+        {"optimizer_type": "Prodigy", "learning_rate": 1.0},
+        {"optimizer_type": "DAdaptAdam", "learning_rate": 1.0},
+        {"optimizer_args": {"weight_decay": 0.5, "betas": [0.8, 0.9]}},
+        {"mixed_precision": "bf16"},
+    ],
+)
 def test_setting_changes_the_result(tmp_path, data, baseline, settings):
     result, _, tensors = run(tmp_path, data, **settings)
     assert isinstance(result, DoneEvent), result
@@ -161,8 +180,14 @@ def test_min_snr_gamma_reweights_timesteps_within_a_batch(tmp_path, data):
     assert not same(plain, snr)
 
 
-@pytest.mark.parametrize("settings", [{"gradient_checkpointing": True}, {"cache_latents": False},
-                                      {"cache_text_encoder_outputs": False, "network_train_unet_only": True}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"gradient_checkpointing": True},
+        {"cache_latents": False},
+        {"cache_text_encoder_outputs": False, "network_train_unet_only": True},
+    ],
+)
 def test_speed_settings_do_not_change_the_result(tmp_path, data, settings):
     base_settings = {"network_train_unet_only": True} if "network_train_unet_only" in settings else {}
     _, _, plain = run(tmp_path / "a", data, **base_settings)
@@ -176,7 +201,9 @@ def test_network_shape_settings(tmp_path, data):
     downs = {k: v for k, v in t.items() if k.endswith("lora_down.weight")}
     conv3 = [k for k, v in downs.items() if v.ndim == 4 and v.shape[-1] == 3]
     assert conv3, "LoCon adds 3x3 conv modules"
-    assert all(downs[k].shape[0] == 2 and float(t[k.replace("lora_down.weight", "alpha")]) == 1 for k in conv3)
+    assert all(
+        downs[k].shape[0] == 2 and float(t[k.replace("lora_down.weight", "alpha")]) == 1 for k in conv3
+    )
     linear = [k for k, v in downs.items() if v.ndim == 2]
     assert all(downs[k].shape[0] == 8 for k in linear)
     _, _, unet_only = run(tmp_path / "u", data, network_train_unet_only=True)
@@ -194,9 +221,12 @@ def test_block_weights_zero_freezes_those_blocks(tmp_path, data):
 
 
 def test_run_length_settings(tmp_path, data):
-    result, events, _ = run(tmp_path / "bs", data, train_batch_size=2, max_train_epochs=2, save_every_n_epochs=2)
+    result, events, _ = run(
+        tmp_path / "bs", data, train_batch_size=2, max_train_epochs=2, save_every_n_epochs=2
+    )
     assert result.steps == 4 and [Path(e.lora_file).name for e in events if isinstance(e, EpochEvent)] == [
-        "t-000002.safetensors"]
+        "t-000002.safetensors"
+    ]
     result, _, _ = run(tmp_path / "acc", data, gradient_accumulation_steps=2)
     assert result.steps == 2
     result, events, _ = run(tmp_path / "steps", data, max_train_epochs=None, max_train_steps=6)
@@ -209,14 +239,18 @@ def _lrs(events) -> list[float]:
 
 def test_lr_schedulers_shape_the_learning_rate(tmp_path, data):
     def lrs(**s):
-        return _lrs(run(tmp_path / json.dumps(s, sort_keys=True).replace('"', ""), data, max_train_epochs=4, **s)[1])
+        return _lrs(
+            run(tmp_path / json.dumps(s, sort_keys=True).replace('"', ""), data, max_train_epochs=4, **s)[1]
+        )
 
     const = lrs(lr_scheduler="constant")
     assert const == [1e-3] * 16
     warm = lrs(lr_scheduler="constant_with_warmup", lr_warmup_steps=0.25)
     assert warm[0] < warm[2] < 1e-3 and warm[4:] == [1e-3] * 12
     linear = lrs(lr_scheduler="linear")
-    assert all(a > b for a, b in zip(linear, linear[1:], strict=False)) and linear[-1] == pytest.approx(0, abs=1e-12)
+    assert all(a > b for a, b in zip(linear, linear[1:], strict=False)) and linear[-1] == pytest.approx(
+        0, abs=1e-12
+    )
     cosine = lrs(lr_scheduler="cosine")
     assert cosine[7] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
     restarts = lrs(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2)
@@ -249,10 +283,20 @@ def test_preset_fills_unset_settings_only(tmp_path, data):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("settings", [{"mixed_precision": "bf16"}, {"mixed_precision": "fp16"},
-                                      {"optimizer_type": "AdamW8bit"}])
+@pytest.mark.parametrize(
+    "settings", [{"mixed_precision": "bf16"}, {"mixed_precision": "fp16"}, {"optimizer_type": "AdamW8bit"}]
+)
 def test_cuda_paths(tmp_path, data, settings):
-    spec = TrainSpec.parse({"base": "tiny:sdxl", "train_data_dir": str(data), "output_dir": str(tmp_path),
-                            "output_name": "g", "max_train_epochs": 1, "sample_every_n_epochs": 0, **settings})
+    spec = TrainSpec.parse(
+        {
+            "base": "tiny:sdxl",
+            "train_data_dir": str(data),
+            "output_dir": str(tmp_path),
+            "output_name": "g",
+            "max_train_epochs": 1,
+            "sample_every_n_epochs": 0,
+            **settings,
+        }
+    )
     result = train(spec, lambda e: None, device="cuda")
     assert isinstance(result, DoneEvent), result
