@@ -300,3 +300,69 @@ def test_cuda_paths(tmp_path, data, settings):
     )
     result = train(spec, lambda e: None, device="cuda")
     assert isinstance(result, DoneEvent), result
+
+
+# ---- failures and work done once ----
+
+
+@pytest.fixture
+def hooked_base(monkeypatch):
+    """Load the real base as the trainer does, then let a test hook into its modules."""
+    import runner.train as train_module
+
+    loaded, hooks = [], []
+    original = train_module.load_base
+
+    def load(name):
+        base = original(name)
+        loaded.append(base)
+        for hook in hooks:
+            hook(base)
+        return base
+
+    monkeypatch.setattr(train_module, "load_base", load)
+    return hooks, loaded
+
+
+def test_out_of_memory_says_what_to_lower(tmp_path, data, hooked_base):
+    hooks, _ = hooked_base
+
+    def oom(module, args, output):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hooks.append(lambda base: base.unet.down_blocks[0].register_forward_hook(oom))
+    result, _, _ = run(tmp_path, data, train_batch_size=2, network_dim=32)
+    assert isinstance(result, FailedEvent) and result.kind == "out_of_memory"
+    for hint in ("train_batch_size (now 2)", "network_dim (now 32)", "gradient_checkpointing=true"):
+        assert hint in result.reason
+
+
+def test_nan_loss_fails_with_advice(tmp_path, data, hooked_base):
+    hooks, _ = hooked_base
+    hooks.append(lambda base: base.unet.conv_out.register_forward_hook(lambda m, a, out: out * float("nan")))
+    result, _, _ = run(tmp_path, data)
+    assert isinstance(result, FailedEvent) and "NaN" in result.reason and "learning rate" in result.reason
+
+
+def test_vae_and_frozen_text_encoder_run_once_per_image_and_caption(tmp_path, data, hooked_base):
+    hooks, loaded = hooked_base
+    calls = {"vae": 0, "te": 0}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+
+        return hook
+
+    hooks.append(lambda base: base.vae.encoder.register_forward_hook(count("vae")))
+    hooks.append(lambda base: base.text_encoders[0].register_forward_hook(count("te")))
+    result, _, _ = run(tmp_path, data, max_train_epochs=3, network_train_unet_only=True)
+    assert isinstance(result, DoneEvent)
+    assert calls == {"vae": 4, "te": 4}  # 4 images, 4 distinct captions, 12 steps
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert {type(p) for p in loaded[0].unet.attn_processors.values()} == {AttnProcessor2_0}  # SDPA
+
+    calls.update(vae=0, te=0)
+    run(tmp_path / "shuffled", data, max_train_epochs=3, network_train_unet_only=True, shuffle_caption=True)
+    assert calls == {"vae": 4, "te": 12}  # captions change every step: encoded per step, images still once
