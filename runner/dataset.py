@@ -16,7 +16,6 @@ listed in ``Dataset.skipped``; loading fails only when nothing is left.
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 from collections import Counter
@@ -25,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps
 
+from .images import IMAGE_EXTENSIONS, decode_caption, image_files, to_rgb, unreadable_reason
 from .spec import TrainSpec
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_FALLBACKS = (".caption", ".txt")
 _REPEATS_FOLDER = re.compile(r"(\d+)_(.*)", re.S)
 _MAX_REPEATS = 1000
@@ -155,21 +154,6 @@ def _subset_of(rel_dirs: tuple[str, ...], root_name: str, default_repeats: int) 
     return (rel_dirs[0] if rel_dirs else root_name), default_repeats
 
 
-def _image_files(root: Path) -> tuple[list[Path], Counter[str]]:
-    images, others = [], Counter()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__MACOSX")))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            ext = os.path.splitext(name)[1].lower()
-            if ext in IMAGE_EXTENSIONS:
-                images.append(Path(folder) / name)
-            elif ext not in (".txt", ".caption", ".json", ".toml", ".npz", ".yaml", ".yml", ""):
-                others[ext] += 1
-    return images, others
-
-
 def _read_caption(image: Path, extensions: list[str], folder_files: dict[str, Path]) -> str:
     for ext in extensions:
         path = folder_files.get((image.stem + ext).lower())
@@ -180,14 +164,9 @@ def _read_caption(image: Path, extensions: list[str], folder_files: dict[str, Pa
         except OSError as e:
             raise _Skip(f"caption '{path.name}' cannot be read ({e.strerror})") from None
         try:
-            text = raw.decode("utf-8-sig")
+            return decode_caption(raw)
         except UnicodeDecodeError:
-            try:
-                # Japanese Windows editors long saved Shift-JIS (cp932) by default.
-                text = raw.decode("cp932")
-            except UnicodeDecodeError:
-                raise _Skip(f"caption '{path.name}' is not UTF-8 text; save it as UTF-8") from None
-        return text
+            raise _Skip(f"caption '{path.name}' is not UTF-8 text; save it as UTF-8") from None
     return ""
 
 
@@ -204,7 +183,7 @@ def _image_size(path: Path) -> tuple[int, int]:
             w, h = img.size
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, …)
-        raise _Skip(_unreadable_reason(e)) from None
+        raise _Skip(unreadable_reason(e)) from None
     return (h, w) if orientation in _SWAPPED_ORIENTATIONS else (w, h)
 
 
@@ -231,7 +210,7 @@ def load_dataset(spec: TrainSpec, resolution: tuple[int, int] | None = None) -> 
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"training folder '{root}' {what}")
     res = resolution or spec.resolution
-    images, others = _image_files(root)
+    images, others = image_files(root)
     if not images:
         exts = " ".join(IMAGE_EXTENSIONS)
         hint = ""
@@ -268,14 +247,6 @@ def load_dataset(spec: TrainSpec, resolution: tuple[int, int] | None = None) -> 
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         raise DatasetError(f"none of the {len(skipped)} images in '{root}' can be used: {listed}{more}")
     return Dataset(items, skipped, spec.caption_separator)
-
-
-def _unreadable_reason(e: Exception) -> str:
-    if isinstance(e, Image.DecompressionBombError):
-        return "image is too large (too many pixels)"
-    if isinstance(e, UnidentifiedImageError):
-        return "not an image file that can be read (corrupt or wrong extension)"
-    return f"corrupt or truncated image ({e})"
 
 
 # ---- epochs ----
@@ -317,9 +288,9 @@ def load_image(item: ImageItem) -> tuple[torch.Tensor, tuple[int, int], tuple[in
     try:
         with Image.open(item.path) as opened:
             img = ImageOps.exif_transpose(opened)
-            img = _on_white(img)
+            img, _ = to_rgb(img)
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, …)
-        raise DatasetError(f"cannot read image '{item.path.name}': {_unreadable_reason(e)}") from None
+        raise DatasetError(f"cannot read image '{item.path.name}': {unreadable_reason(e)}") from None
     w, h = img.size
     bw, bh = item.bucket
     scale = max(bw / w, bh / h)
@@ -330,15 +301,6 @@ def load_image(item: ImageItem) -> tuple[torch.Tensor, tuple[int, int], tuple[in
     img = img.crop((left, top, left + bw, top + bh))
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
     return pixels / 127.5 - 1.0, (h, w), (top, left)
-
-
-def _on_white(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        white.alpha_composite(rgba)
-        return white.convert("RGB")
-    return img.convert("RGB")
 
 
 # ---- caption rules ----
