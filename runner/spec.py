@@ -12,7 +12,15 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Family = Literal["sd15", "sdxl"]
 LrScheduler = Literal[
@@ -59,6 +67,21 @@ def _bounds(field: Any) -> tuple[Any, Any]:
         hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
         hi = getattr(m, "lt", None) if getattr(m, "lt", None) is not None else hi
     return lo, hi
+
+
+def _file_name(v: str) -> str:
+    # Any Unicode is fine (Japanese, emoji); only what breaks a file name is refused.
+    bad = set('/\\:*?"<>|\0') & set(v)
+    if bad or v.strip(" .") != v:
+        raise ValueError(f"cannot contain {''.join(sorted(bad)) or 'leading/trailing dots or spaces'}")
+    return v
+
+
+def _dotted(v: str) -> str:
+    return v if v.startswith(".") else "." + v
+
+
+CaptionExtension = Annotated[str, AfterValidator(_dotted)]
 
 
 class _Spec(BaseModel):
@@ -193,16 +216,12 @@ class TrainSpec(_Spec):
     @field_validator("output_name")
     @classmethod
     def _output_name(cls, v: str) -> str:
-        # Any Unicode is fine (Japanese, emoji); only what breaks a file name is refused.
-        bad = set('/\\:*?"<>|\0') & set(v)
-        if bad or v.strip(" .") != v:
-            raise ValueError(f"cannot contain {''.join(sorted(bad)) or 'leading/trailing dots or spaces'}")
-        return v
+        return _file_name(v)
 
     @field_validator("caption_extension")
     @classmethod
     def _caption_ext(cls, v: str) -> str:
-        return v if v.startswith(".") else "." + v
+        return _dotted(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSpec:
@@ -240,6 +259,55 @@ class TrainSpec(_Spec):
     @classmethod
     def setting_names(cls) -> list[str]:
         return list(cls.model_fields)
+
+
+class IntakeSpec(_Spec):
+    """Files, folders and zips from a member → one kohya folder ``output_dir/{num_repeats}_{name}/``."""
+
+    sources: list[str] = Field(min_length=1)
+    output_dir: str
+    name: Annotated[str, Field(min_length=1, max_length=120), AfterValidator(_file_name)] | None = Field(
+        None, description="the folder after 'N_'; defaults to output_dir's own name"
+    )
+    num_repeats: int = Field(10, ge=1, le=1000)
+    caption_extension: CaptionExtension = ".txt"
+    resolution: int = Field(512, ge=64, le=4096, description="training side; smaller images are flagged")
+    min_side: int = Field(128, ge=8, le=4096, description="images with a shorter side are refused")
+    max_images: int = Field(
+        200, ge=1, le=100_000, description="images per dataset, those already there included"
+    )
+    max_file_mb: float = Field(50, gt=0, le=4096)
+    max_megapixels: float = Field(50, gt=0, le=1000)
+    max_zip_mb: float = Field(2048, gt=0, le=65536, description="everything a zip unpacks to")
+    max_zip_ratio: float = Field(100, ge=1, le=100_000, description="unpacked/packed size of one zip member")
+    duplicate_distance: int = Field(6, ge=0, le=64, description="perceptual-hash bits that may differ")
+
+
+class TagSpec(_Spec):
+    """Auto-tag a dataset folder with a WD14-style tagger and write its caption files."""
+
+    train_data_dir: str
+    tagger: str = Field(
+        "wd-swinv2-tagger-v3",
+        min_length=1,
+        description="a SmilingWolf tagger name, a Hugging Face repo id, or a folder with model.onnx and selected_tags.csv",
+    )
+    cache_dir: str | None = Field(None, description="where downloaded taggers are kept")
+    general_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    character_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    keep_rating_tags: bool = False
+    trigger_word: str | None = None
+    remove: list[str] = Field(default_factory=list)
+    add: list[str] = Field(default_factory=list, description="tags put right after the trigger word")
+    mode: Literal["keep", "replace", "merge"] = Field(
+        "keep", description="what happens to captions that already exist"
+    )
+    caption_extension: CaptionExtension = ".txt"
+    preset: Literal["character", "style", "concept"] | None = Field(
+        None, description="character (or unset): suggest subject tags to bake into the trigger word"
+    )
+    suggest_min_share: float = Field(0.5, gt=0.0, le=1.0, description="share of images a suggested tag is on")
+    batch_size: int = Field(8, ge=1, le=256)
 
 
 # ---- Events: what the worker streams back, one JSON object a line ----
@@ -287,8 +355,29 @@ class FailedEvent(_Spec):
     reason: str
 
 
+class TagCount(_Spec):
+    tag: str
+    count: int
+    share: float
+
+
+class TaggedEvent(_Spec):
+    """The end of a tag job: what the bot shows the member before training."""
+
+    type: Literal["tagged"] = "tagged"
+    images: int
+    captions_written: int
+    tag_summary: list[TagCount] = Field(description="every tag but the trigger word, most frequent first")
+    suggested_removals: list[str] = Field(default_factory=list)
+    tag_frequency: dict[str, dict[str, int]] = Field(
+        description="kohya's ss_tag_frequency: {folder: {tag: count}}"
+    )
+    skipped: list[tuple[str, str]] = Field(default_factory=list, description="(file, reason)")
+
+
 Event = Annotated[
-    StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent, Field(discriminator="type")
+    StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent,
+    Field(discriminator="type"),
 ]
 
 
@@ -298,7 +387,7 @@ class _EventBox(BaseModel):
 
 def parse_event(
     line: str | dict[str, Any],
-) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent:
+) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent:
     data = json.loads(line) if isinstance(line, str) else line
     return _EventBox.model_validate({"event": data}).event
 
