@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,6 +31,19 @@ OptimizerType = Literal["AdamW", "AdamW8bit", "Adafactor", "Lion", "DAdaptation"
 Precision = Literal["no", "fp16", "bf16"]
 SavePrecision = Literal["float", "fp16", "bf16"]
 SampleSampler = Literal["euler_a", "euler", "ddim", "dpmsolver++", "lms", "heun", "pndm", "unipc"]
+# A1111's sampler names (the older "… Karras" spelling, which recent A1111 splits into "Schedule type").
+GenSampler = Literal[
+    "Euler a",
+    "Euler",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ SDE Karras",
+    "DDIM",
+    "UniPC",
+    "LMS",
+    "Heun",
+    "PLMS",
+]
 BlockWeights = (
     list[Annotated[float, Field(ge=0.0, le=10.0)]]
     | Literal["sine", "cosine", "linear", "reverse_linear", "zeros"]
@@ -52,7 +66,12 @@ def _describe_error(err: dict[str, Any], fields: dict[str, Any]) -> str:
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         field = fields.get(str(err["loc"][0]))
         lo, hi = _bounds(field)
-        rng = f"between {lo} and {hi}" if lo is not None and hi is not None else err["msg"].lower()
+        # Nested settings (loras.0.weight) are not top-level fields; pydantic's own words then.
+        rng = (
+            f"between {lo} and {hi}"
+            if lo is not None and hi is not None
+            else err["msg"].lower().removeprefix("input should be ")
+        )
         return f"{loc} must be {rng} (got {got!r})"
     if kind == "literal_error":
         return f"{loc} must be one of {ctx.get('expected')} (got {got!r})"
@@ -310,6 +329,45 @@ class TagSpec(_Spec):
     batch_size: int = Field(8, ge=1, le=256)
 
 
+class LoraWeight(_Spec):
+    name: str = Field(
+        min_length=1, description="a LoRA's file name in lora_dir (without .safetensors), or a path"
+    )
+    weight: float = Field(1.0, ge=-10.0, le=10.0)
+
+
+def _gen_sampler(v: Any) -> Any:
+    # Members type sampler names in any case ("euler a", "dpm++ 2m karras").
+    if isinstance(v, str):
+        for name in GenSampler.__args__:
+            if v.strip().lower() == name.lower():
+                return name
+    return v
+
+
+class GenSpec(_Spec):
+    """Text-to-image with LoRAs; the prompt may carry A1111's ``<lora:name:weight>`` tags."""
+
+    prompt: str
+    base: str = Field(min_length=1, description="tiny:sd15, a .safetensors file or a diffusers folder")
+    output_dir: str
+    negative_prompt: str = ""
+    loras: list[LoraWeight] = Field(
+        default_factory=list, description="besides the prompt's tags; a tag for the same LoRA wins"
+    )
+    lora_dir: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="image i gets seed + i; unset: random")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
+    width: int | None = Field(
+        None, ge=64, le=4096, multiple_of=8, description="unset: the base's native size"
+    )
+    height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+    count: int = Field(1, ge=1, le=16)
+    clip_skip: int | None = Field(None, ge=1, le=12)
+    sampler: Annotated[GenSampler, BeforeValidator(_gen_sampler)] = "DPM++ 2M Karras"
+
+
 # ---- Events: what the worker streams back, one JSON object a line ----
 
 
@@ -375,8 +433,18 @@ class TaggedEvent(_Spec):
     skipped: list[tuple[str, str]] = Field(default_factory=list, description="(file, reason)")
 
 
+class ImagesEvent(_Spec):
+    """The end of a gen job: the PNGs written, each with its A1111 ``parameters`` text."""
+
+    type: Literal["images"] = "images"
+    images: list[str]
+    parameters: list[str]
+    seeds: list[int]
+    seconds: float
+
+
 Event = Annotated[
-    StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent,
+    StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent | ImagesEvent,
     Field(discriminator="type"),
 ]
 
@@ -387,7 +455,7 @@ class _EventBox(BaseModel):
 
 def parse_event(
     line: str | dict[str, Any],
-) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent:
+) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent | ImagesEvent:
     data = json.loads(line) if isinstance(line, str) else line
     return _EventBox.model_validate({"event": data}).event
 
