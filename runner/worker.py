@@ -1,8 +1,11 @@
 """One worker owns one GPU and runs one job at a time, streaming Events as JSON lines.
 
 Run as ``python -m runner.worker``: each line on stdin is a job (``{"type": "train", "spec":
-{...}}``) or ``{"type": "cancel"}``; each line on stdout is an Event. The same `Worker` class is
-what a Ray actor wraps later, so it keeps no global state.
+{...}}``) or ``{"type": "cancel"}``; each line on stdout is an Event. A job line may carry an
+``"id"``: its events then carry the same ``"job"``, and ``{"type": "cancel", "id": …}`` cancels
+only that job. A short job (anything but training) that arrives while a training job runs is
+served between two training steps on the same warm worker. The same `Worker` class is what a
+Ray actor wraps, so it keeps no global state.
 """
 
 from __future__ import annotations
@@ -12,22 +15,86 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .spec import FailedEvent, SpecError, TrainSpec
+from .spec import EpochEvent, FailedEvent, ProgressEvent, SpecError, TrainSpec
+
+
+@dataclass
+class _Handover:
+    """A short job waiting for the training thread to run it between two steps."""
+
+    job: dict[str, Any]
+    emit: Callable[[Any], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
 
 
 class Worker:
     def __init__(self, device: str | None = None):
         self.device = device
         self.cancel_event = threading.Event()
+        self._lock = threading.Lock()
+        self.training = False
+        self._training_id: Any = None
+        self._waiting: list[_Handover] = []
 
-    def cancel(self) -> None:
-        self.cancel_event.set()
+    def cancel(self, job_id: Any = None) -> None:
+        """Cancel the running job, or only job ``job_id`` (dropped if it still waits for a step)."""
+        with self._lock:
+            waiting = [h for h in self._waiting if job_id is not None and h.job.get("id") == job_id]
+            for h in waiting:
+                self._waiting.remove(h)
+        for h in waiting:
+            h.result = FailedEvent(kind="cancelled", reason="cancelled before it started")
+            h.emit(h.result)
+            h.done.set()
+        if not waiting and (job_id is None or not self.training or job_id == self._training_id):
+            self.cancel_event.set()
 
     def run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
         """Run one job to its end; returns the final event (done or failed)."""
+        if job.get("type") != "train":
+            with self._lock:
+                handover = _Handover(job, emit) if self.training else None
+                if handover:
+                    self._waiting.append(handover)
+            if handover:
+                handover.done.wait()
+                return handover.result
         self.cancel_event.clear()
+        if job.get("type") != "train":
+            return self._run(job, emit)
+        with self._lock:
+            self.training, self._training_id = True, job.get("id")
+        try:
+            return self._run(job, self._serving_between_steps(emit))
+        finally:
+            with self._lock:
+                self.training = False
+            self._serve_waiting()  # whatever was handed over after the last step
+
+    def _serving_between_steps(self, emit: Callable[[Any], None]) -> Callable[[Any], None]:
+        # The trainer emits progress right after an optimizer step and an epoch after saving: the
+        # model is between steps then, so a short job can use the same warm GPU.
+        def emit_and_serve(event: Any) -> None:
+            emit(event)
+            if isinstance(event, ProgressEvent | EpochEvent):
+                self._serve_waiting()
+
+        return emit_and_serve
+
+    def _serve_waiting(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                handover = self._waiting.pop(0)
+            handover.result = self._run(handover.job, handover.emit)
+            handover.done.set()
+
+    def _run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
         kind = job.get("type")
         if kind != "train":
             event = FailedEvent(
@@ -50,10 +117,20 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
     worker = Worker(device)
     lock = threading.Lock()
 
-    def emit(event: Any) -> None:
-        with lock:
-            stdout.write(event.model_dump_json() + "\n")
-            stdout.flush()
+    def emit_for(job_id: Any) -> Callable[[Any], None]:
+        def emit(event: Any) -> None:
+            line = (
+                event.model_dump_json()
+                if job_id is None
+                else json.dumps({"job": job_id, **event.model_dump(mode="json")}, ensure_ascii=False)
+            )
+            with lock:
+                stdout.write(line + "\n")
+                stdout.flush()
+
+        return emit
+
+    emit = emit_for(None)
 
     def on_signal(*_: Any) -> None:
         worker.cancel()
@@ -61,6 +138,7 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
     job_thread: threading.Thread | None = None
+    threads: list[threading.Thread] = []
     for line in stdin:
         if not line.strip():
             continue
@@ -70,16 +148,22 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
             emit(FailedEvent(kind="bad_input", reason=f"not a JSON job line: {e}"))
             continue
         if msg.get("type") == "cancel":
-            worker.cancel()
+            worker.cancel(msg.get("id"))
             continue
-        if job_thread and job_thread.is_alive():
-            emit(FailedEvent(kind="bad_input", reason="this worker is busy with another job"))
+        short = msg.get("type") != "train"
+        if job_thread and job_thread.is_alive() and not (short and worker.training):
+            emit_for(msg.get("id"))(
+                FailedEvent(kind="bad_input", reason="this worker is busy with another job")
+            )
             continue
         # The job runs beside the stdin loop so that a cancel line is read while it trains.
-        job_thread = threading.Thread(target=worker.run, args=(msg, emit), daemon=True)
-        job_thread.start()
-    if job_thread:
-        job_thread.join()
+        thread = threading.Thread(target=worker.run, args=(msg, emit_for(msg.get("id"))), daemon=True)
+        thread.start()
+        threads = [t for t in threads if t.is_alive()] + [thread]
+        if not (job_thread and job_thread.is_alive()):
+            job_thread = thread
+    for thread in threads:
+        thread.join()
 
 
 if __name__ == "__main__":
