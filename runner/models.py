@@ -61,11 +61,15 @@ class Base:
         return DDPMScheduler.from_config(self.scheduler_config)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Base:
-        for m in (self.unet, *self.text_encoders):
-            m.to(device=device, dtype=dtype)
         # The VAE stays in fp32 (or bf16): SDXL's VAE overflows in fp16 and gives black images.
         vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        self.vae.to(device=device, dtype=vae_dtype)
+        for m, want in (
+            (self.unet, dtype),
+            *((te, dtype) for te in self.text_encoders),
+            (self.vae, vae_dtype),
+        ):
+            # A dtype is passed only when it changes: diffusers warns on every cast otherwise.
+            m.to(device) if want in (None, m.dtype) else m.to(device, want)
         return self
 
 
