@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-RUNNER_COMMANDS = ("train", "selftest")
+RUNNER_COMMANDS = ("train", "dataset", "tag", "selftest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return runner_main(argv)
     print(
-        "usage: loracord {train,selftest} ...\n\n"
+        "usage: loracord {train,dataset,tag,selftest} ...\n\n"
         "  train     train a LoRA from a folder of images (loracord train --help)\n"
+        "  dataset   turn images, folders and zips into a clean, numbered training folder with a report\n"
+        "  tag       caption a training folder with a WD14 tagger (trigger word, tag removal, frequencies)\n"
         "  selftest  prove this install works: trains a tiny LoRA on the CPU, no GPU or network needed",
         file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
     )

@@ -1,4 +1,4 @@
-"""`loracord train` and `loracord selftest`: the runner used directly from a shell."""
+"""`loracord train`, `dataset`, `tag` and `selftest`: the runner used directly from a shell."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from .spec import (
     DoneEvent,
     EpochEvent,
     FailedEvent,
+    IntakeSpec,
     ProgressEvent,
     SpecError,
     StageEvent,
+    TagSpec,
     TrainSpec,
     load_toml_settings,
 )
@@ -33,13 +35,19 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    settings: dict[str, Any] = load_toml_settings(args.config) if args.config else {}
-    for item in args.set or []:
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    settings = {}
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise SpecError(f"--set needs key=value, got '{item}'")
         settings[key.strip()] = parse_value(value.strip())
+    return settings
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = load_toml_settings(args.config) if args.config else {}
+    settings.update(parse_sets(args.set))
     settings.update(train_data_dir=args.data, base=args.base, output_name=args.name, output_dir=args.out)
     if args.trigger:
         settings["trigger_word"] = args.trigger
@@ -105,6 +113,83 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, names: dict[str, str]) -> dict[str, Any]:
+    """Spec fields from the options a member actually gave (argparse name → spec name)."""
+    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    try:
+        settings = parse_sets(args.set)
+        settings.update(sources=args.sources, output_dir=args.out)
+        settings.update(
+            _given(args, {"repeats": "num_repeats", "name": "name", "caption_extension": "caption_extension"})
+        )
+        spec = IntakeSpec.parse(settings)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .intake import build_dataset
+
+    report = build_dataset(spec)
+    if args.json:
+        print(report.model_dump_json())
+    else:
+        print("\n".join(report.lines()))
+        for sheet in report.contact_sheets:
+            print(f"contact sheet: {sheet}")
+        print(f"report: {report.report_file}")
+    return 0 if report.accepted else 1
+
+
+def _tag_list(values: list[str] | None) -> list[str]:
+    return [t.strip() for v in values or [] for t in v.split(",") if t.strip()]
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    try:
+        settings = parse_sets(args.set)
+        settings["train_data_dir"] = args.data
+        settings.update(
+            _given(
+                args,
+                {
+                    "tagger": "tagger",
+                    "threshold": "general_threshold",
+                    "character_threshold": "character_threshold",
+                    "trigger": "trigger_word",
+                    "mode": "mode",
+                    "preset": "preset",
+                    "caption_extension": "caption_extension",
+                },
+            )
+        )
+        settings.update({k: _tag_list(v) for k, v in (("remove", args.remove), ("add", args.add)) if v})
+        spec = TagSpec.parse(settings)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .tagger import tag_dataset
+
+    emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
+    result = tag_dataset(spec, emit)
+    if isinstance(result, FailedEvent):
+        print(f"error: {result.reason}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"{result.images} images captioned, {result.captions_written} caption files written")
+        for file, why in result.skipped:
+            print(f"skipped {file}: {why}")
+        for row in result.tag_summary[:40]:
+            print(f"{row.count:5d}  {row.share:6.0%}  {row.tag}")
+        if result.suggested_removals:
+            tags = ",".join(result.suggested_removals)
+            print(
+                f"on most images and about the subject; remove them to bake them into the trigger word:\n  --remove '{tags}'"
+            )
+    return 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from .selftest import selftest
 
@@ -143,6 +228,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the last saved epoch in --out")
     t.add_argument("--json", action="store_true", help="print events as JSON lines instead of a progress bar")
     t.set_defaults(func=cmd_train)
+    d = sub.add_parser(
+        "dataset",
+        help="turn images, folders and zips into a clean training folder",
+        description=(
+            "Check, convert and number images from files, folders and zips into OUT/N_NAME/ (captions beside "
+            "them kept), report what was accepted, converted or refused and why, flag near-duplicates and "
+            "small images, and draw a numbered contact sheet. Limits with --set, e.g. --set max_images=100."
+        ),
+    )
+    d.add_argument("sources", nargs="+", help="image files, folders and .zip files")
+    d.add_argument("--out", required=True, help="the dataset folder to write (loracord train DIR reads it)")
+    d.add_argument("--repeats", type=int, help="N in N_NAME: repeats per epoch (default 10)")
+    d.add_argument("--name", help="NAME in N_NAME (default: the --out folder's name)")
+    d.add_argument("--caption-extension", help="caption files' extension (default .txt)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE", help="any intake setting (repeatable)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=cmd_dataset)
+    g = sub.add_parser(
+        "tag",
+        help="caption a dataset folder with a WD14 tagger",
+        description="Auto-tag every image under DIR (subfolders included) and write its caption file.",
+    )
+    g.add_argument("data", help="a dataset folder, as loracord dataset writes it")
+    g.add_argument(
+        "--tagger", help="a SmilingWolf tagger name (default wd-swinv2-tagger-v3), a repo id, or a folder"
+    )
+    g.add_argument("--threshold", type=float, help="general tags' threshold (default 0.35)")
+    g.add_argument("--character-threshold", type=float, help="character tags' threshold (default 0.85)")
+    g.add_argument("--trigger", help="trigger word, written first in every caption")
+    g.add_argument("--remove", action="append", metavar="TAGS", help="comma-separated tags to leave out")
+    g.add_argument(
+        "--add", action="append", metavar="TAGS", help="comma-separated tags to put after the trigger"
+    )
+    g.add_argument(
+        "--mode",
+        choices=["keep", "replace", "merge"],
+        help="existing captions: keep (default), replace or merge",
+    )
+    g.add_argument(
+        "--preset", choices=["character", "style", "concept"], help="what the LoRA is for (suggestions)"
+    )
+    g.add_argument("--caption-extension", help="caption files' extension (default .txt)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any tag setting (repeatable)")
+    g.add_argument("--json", action="store_true", help="print events as JSON lines")
+    g.set_defaults(func=cmd_tag)
     s = sub.add_parser("selftest", help="train a tiny LoRA on the CPU and check the result")
     s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     s.set_defaults(func=cmd_selftest)
