@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 RUNNER_COMMANDS = ("train", "dataset", "tag", "selftest")
+OPS_COMMANDS = ("run", "jobs", "quota")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,8 +18,15 @@ def main(argv: list[str] | None = None) -> int:
         from runner.cli import main as runner_main
 
         return runner_main(argv)
+    if argv and argv[0] in OPS_COMMANDS:
+        from .ops_cli import main as ops_main
+
+        return ops_main(argv)
     print(
-        "usage: loracord {train,dataset,tag,selftest} ...\n\n"
+        "usage: loracord {run,jobs,quota,train,dataset,tag,selftest} ...\n\n"
+        "  run       the bot: queue, scheduler and GPU workers (--no-discord: without Discord)\n"
+        "  jobs      submit, list, show and cancel jobs (loracord jobs --help)\n"
+        "  quota     show and set members' and roles' quotas\n"
         "  train     train a LoRA from a folder of images (loracord train --help)\n"
         "  dataset   turn images, folders and zips into a clean, numbered training folder with a report\n"
         "  tag       caption a training folder with a WD14 tagger (trigger word, tag removal, frequencies)\n"

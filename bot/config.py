@@ -1,0 +1,175 @@
+"""The server's settings: one TOML file (see config.example.toml) plus the environment.
+
+Relative paths are relative to the config file. The Discord token never comes from the TOML
+file: only from ``LORACORD_DISCORD_TOKEN`` or the secret file named by ``[discord] token_file``
+or ``LORACORD_DISCORD_TOKEN_FILE``, so the config can be shared and committed safely.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+TOKEN_ENV = "LORACORD_DISCORD_TOKEN"
+TOKEN_FILE_ENV = "LORACORD_DISCORD_TOKEN_FILE"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quota(_Section):
+    """Limits per member; a role's override replaces a default, the most generous role wins."""
+
+    concurrent_jobs: int = Field(1, ge=0, description="jobs running at once")
+    queued_jobs: int = Field(3, ge=0, description="jobs waiting in the queue")
+    daily_gpu_seconds: float = Field(3600, ge=0, description="'stamina': GPU time in any 24 hours")
+    images_per_dataset: int = Field(200, ge=0)
+    total_steps: int = Field(4000, ge=0, description="training steps of one job")
+    storage_mb: float = Field(2048, ge=0, description="LoRA files kept")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+
+class QuotaOverride(_Section):
+    concurrent_jobs: int | None = Field(None, ge=0)
+    queued_jobs: int | None = Field(None, ge=0)
+    daily_gpu_seconds: float | None = Field(None, ge=0)
+    images_per_dataset: int | None = Field(None, ge=0)
+    total_steps: int | None = Field(None, ge=0)
+    storage_mb: float | None = Field(None, ge=0)
+
+
+class QuotaConfig(Quota):
+    roles: dict[str, QuotaOverride] = Field(default_factory=dict, description="role id → overrides")
+
+
+class Scheduling(_Section):
+    fair_window_hours: float = Field(24, gt=0, description="GPU time counted for fair turns")
+    seconds_per_step: float = Field(
+        1.0, gt=0, description="training estimate before any job finished, at 512² batch 1"
+    )
+    gen_seconds_per_step: float = Field(
+        0.1, gt=0, description="generation estimate per step and image at 512²"
+    )
+    poll_seconds: float = Field(0.2, gt=0, le=10, description="how often the database is read for new work")
+    max_attempts: int = Field(3, ge=1, description="runs of one job before a crashing worker fails it")
+
+
+class Workers(_Section):
+    devices: list[str] = Field(default_factory=lambda: ["cuda:0"], min_length=1)
+    dispatch: Literal["local", "ray"] = "local"
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+                raise ValueError(f"'{d}' is not a device: use cpu, cuda or cuda:N")
+        return v
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="ray://host:10001 or auto; unset starts Ray on this machine"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started here")
+
+
+class DiscordConfig(_Section):
+    token_file: Path | None = None
+
+
+class Config(_Section):
+    path: Path = Field(description="the config file itself")
+    store: Path
+    data_dir: Path
+    workers: Workers = Field(default_factory=Workers)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    bases: dict[str, str] = Field(default_factory=dict)
+    discord: DiscordConfig = Field(default_factory=DiscordConfig)
+
+    def base(self, name: str) -> str:
+        """The base string for a name members see; refusal lists the names there are."""
+        if name in self.bases:
+            return self.bases[name]
+        offered = ", ".join(sorted(self.bases)) or "none: add a [bases] table to the config"
+        raise ConfigError(f"unknown base '{name}'; this server offers: {offered}")
+
+    def discord_token(self) -> str:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        file = os.environ.get(TOKEN_FILE_ENV) or self.discord.token_file
+        if not token and file:
+            try:
+                token = Path(file).read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise ConfigError(f"cannot read the Discord token file {file}: {e.strerror}") from None
+        if not token:
+            raise ConfigError(
+                f"no Discord token: set {TOKEN_ENV}, or put it in a file named by "
+                f"{TOKEN_FILE_ENV} or [discord] token_file (or run with --no-discord)"
+            )
+        return token
+
+
+def _resolve(root: Path, value: str) -> str:
+    if value.startswith(("tiny:", "random:")):
+        return value
+    return str((root / Path(value).expanduser()).resolve())
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path).resolve()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    discord = dict(raw.get("discord") or {})
+    if "token" in discord:
+        raise ConfigError(
+            f"{path}: [discord] token must not be in the config file; set {TOKEN_ENV} "
+            "or put the token in a secret file named by [discord] token_file"
+        )
+    root = path.parent
+    try:
+        store = (raw.get("store") or {}).get("path", "loracord.db")
+        data = (raw.get("data") or {}).get("dir", "data")
+        if discord.get("token_file"):
+            discord["token_file"] = _resolve(root, discord["token_file"])
+        return Config.model_validate(
+            {
+                "path": path,
+                "store": _resolve(root, store),
+                "data_dir": _resolve(root, data),
+                "workers": raw.get("workers") or {},
+                "ray": raw.get("ray") or {},
+                "quota": raw.get("quota") or {},
+                "scheduling": raw.get("scheduling") or {},
+                "bases": {k: _resolve(root, v) for k, v in (raw.get("bases") or {}).items()},
+                "discord": discord,
+                **{k: v for k, v in raw.items() if k not in _SECTIONS},
+            }
+        )
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: a section has the wrong shape ({e})") from None
+
+
+_SECTIONS = ("store", "data", "workers", "ray", "quota", "scheduling", "bases", "discord")

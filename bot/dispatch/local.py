@@ -1,0 +1,133 @@
+"""One ``python -m runner.worker DEVICE`` child process per device, spoken to in JSON lines.
+
+Reading happens in an asyncio task per child, so the bot's event loop never waits on a worker.
+A child that exits on its own (kill -9, CUDA error, out of memory) is reported at once with the
+reason (its signal or exit code and the end of its log) and started again; a child that keeps
+dying right after start is restarted with a growing pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import Message, WorkerDied, WorkerEvent, event_of
+
+log = logging.getLogger(__name__)
+
+
+def _exit_reason(returncode: int, log_path: Path) -> str:
+    if returncode < 0:
+        try:
+            why = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            why = f"killed by signal {-returncode}"
+    else:
+        why = f"exited with code {returncode}"
+    try:
+        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+    except OSError:
+        tail = []
+    return why + (f" ({tail[0][-300:]})" if tail else "")
+
+
+class _Child:
+    def __init__(self, name: str, device: str, log_path: Path, inbox: asyncio.Queue[Message]):
+        self.name, self.device, self.log_path, self.inbox = name, device, log_path, inbox
+        self.proc: asyncio.subprocess.Process | None = None
+        self.closing = False
+        self.quick_deaths = 0
+        self.reader: asyncio.Task | None = None
+
+    async def spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "runner.worker",
+                self.device,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                limit=2**24,
+            )
+        self.started = time.monotonic()
+        self.reader = asyncio.create_task(self._read(self.proc))
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            try:
+                job, event = event_of(json.loads(raw))
+            except ValueError:  # a library printing to stdout; the line is kept in the log
+                log.warning("%s: not an event: %s", self.name, raw[:200])
+                continue
+            if job is not None:
+                self.inbox.put_nowait(WorkerEvent(self.name, job, event))
+        code = await proc.wait()
+        if self.closing:
+            return
+        reason = _exit_reason(code, self.log_path)
+        log.error("worker %s (%s) died: %s", self.name, self.device, reason)
+        self.inbox.put_nowait(WorkerDied(self.name, reason))
+        self.quick_deaths = self.quick_deaths + 1 if time.monotonic() - self.started < 10 else 0
+        if self.quick_deaths:
+            await asyncio.sleep(min(2**self.quick_deaths, 60))
+        if not self.closing:
+            await self.spawn()
+
+    async def write(self, message: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write((json.dumps(message, ensure_ascii=False) + "\n").encode())
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the reader reports the death and the scheduler requeues the job
+
+    async def close(self, grace: float = 10) -> None:
+        self.closing = True
+        if self.proc and self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.send_signal(signal.SIGTERM)  # the worker cancels its job; epochs saved stay
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self.reader:
+            await self.reader
+
+
+class LocalDispatcher:
+    def __init__(self, devices: list[str], log_dir: Path):
+        self.log_dir = log_dir
+        self.workers = [f"{i}:{d}" for i, d in enumerate(devices)]
+        self.devices = dict(zip(self.workers, devices, strict=True))
+        self.children: dict[str, _Child] = {}
+
+    async def start(self, inbox: asyncio.Queue[Message]) -> None:
+        for name, device in self.devices.items():
+            child = _Child(name, device, self.log_dir / f"worker-{name.replace(':', '-')}.log", inbox)
+            self.children[name] = child
+        await asyncio.gather(*(c.spawn() for c in self.children.values()))
+
+    async def send(self, worker: str, job_id: int, kind: str, spec: dict[str, Any]) -> None:
+        await self.children[worker].write({"type": kind, "id": job_id, "spec": spec})
+
+    async def cancel(self, worker: str, job_id: int) -> None:
+        await self.children[worker].write({"type": "cancel", "id": job_id})
+
+    def pid(self, worker: str) -> int | None:
+        proc = self.children[worker].proc
+        return proc.pid if proc else None
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.children.values()))

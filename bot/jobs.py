@@ -1,0 +1,368 @@
+"""Jobs: the state machine, submitting with quotas and cost estimates, and the fair queue order.
+
+A job is ``queued → running → done | failed | cancelled``; a running job whose worker died goes
+back to ``queued`` to resume from its last saved epoch. Every move is a compare-and-set in the
+store, so a move the machine does not allow (or a race with another process) is refused.
+
+Fair share: the next training job goes to the member with the least GPU time in the sliding
+window (charged time plus what their running jobs are estimated to use), ties by submit time;
+resumed jobs go first, and generation jobs go ahead of all training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from runner.presets import preset_settings
+from runner.spec import SpecError, TrainSpec
+
+from . import store
+from .config import Config, ConfigError, Quota
+from .files import PathError, dataset_images, member_path
+
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "queued": ("running", "cancelled"),
+    "running": ("done", "failed", "cancelled", "queued"),
+}
+NATIVE = {"sd15": 512, "sdxl": 1024}
+
+
+class JobError(ValueError):
+    """A request about a job that cannot be done; the message says why."""
+
+
+class QuotaError(JobError):
+    """A submit over the member's quota; the message lists each limit that is over and by how much."""
+
+
+def move(db: Database, job_id: int, to: str, **values: Any) -> None:
+    """Move a job to state ``to``; refused when the job's state does not allow it."""
+    allowed = tuple(s for s, targets in TRANSITIONS.items() if to in targets)
+    if not store.transition(db, job_id, allowed, to, **values):
+        job = store.get_job(db, job_id)
+        now = job.state if job else "missing"
+        raise JobError(f"job {job_id} is {now}; it cannot become {to}")
+
+
+# ---- quotas ----
+
+
+def effective_quota(db: Database, cfg: Config, member: str) -> Quota:
+    """Defaults, then the most generous of the member's roles, then the member's own override."""
+    roles = store.member_roles(db, member)
+    role_values: dict[str, dict[str, float]] = {
+        r: cfg.quota.roles[r].model_dump(exclude_none=True) for r in roles if r in cfg.quota.roles
+    }
+    for role, values in store.quota_overrides(db, "role", roles).items():
+        role_values.setdefault(role, {}).update(values)
+    own = store.quota_overrides(db, "member", [member]).get(member, {})
+    merged = {}
+    for key in Quota.names():
+        granted = [v[key] for v in role_values.values() if key in v]
+        if key in own:
+            merged[key] = own[key]
+        elif granted:
+            merged[key] = max(granted)
+    return cfg.quota.model_copy(update={k: type(getattr(cfg.quota, k))(v) for k, v in merged.items()})
+
+
+@dataclass
+class Usage:
+    quota: Quota
+    running: int
+    queued: int
+    gpu_seconds_used: float  # charged in the last 24 hours
+    gpu_seconds_reserved: float  # estimates of the member's queued and running jobs
+    storage_bytes: int
+
+    @property
+    def gpu_seconds_left(self) -> float:
+        return self.quota.daily_gpu_seconds - self.gpu_seconds_used - self.gpu_seconds_reserved
+
+
+def usage(db: Database, cfg: Config, member: str, now: float | None = None) -> Usage:
+    now = time.time() if now is None else now
+    active = store.list_jobs(db, store.ACTIVE, owner=member)
+    return Usage(
+        quota=effective_quota(db, cfg, member),
+        running=sum(j.state == "running" for j in active),
+        queued=sum(j.state == "queued" for j in active),
+        gpu_seconds_used=store.gpu_seconds_since(db, now - 86400, member).get(member, 0.0),
+        gpu_seconds_reserved=sum(_remaining(j, now) for j in active),
+        storage_bytes=store.storage_bytes(db, member),
+    )
+
+
+def _over(what: str, have: float, limit: float, unit: str = "", advice: str = "") -> str:
+    return f"{what}: {have:g}{unit} of {limit:g}{unit} allowed (over by {have - limit:g}{unit}){advice}"
+
+
+def check_quota(u: Usage, estimate: Estimate, images: int | None = None) -> None:
+    q, problems = u.quota, []
+    if u.queued + 1 > q.queued_jobs:
+        problems.append(
+            _over("queued jobs", u.queued + 1, q.queued_jobs, advice=" — wait for one to start or cancel one")
+        )
+    if estimate.seconds > u.gpu_seconds_left:
+        left = max(u.gpu_seconds_left, 0)
+        problems.append(
+            f"GPU time: this job needs about {estimate.seconds:.0f} s and you have {left:.0f} s left of "
+            f"{q.daily_gpu_seconds:g} s a day (over by {estimate.seconds - left:.0f} s)"
+        )
+    if estimate.kind == "train" and estimate.steps > q.total_steps:
+        problems.append(
+            _over(
+                "training steps",
+                estimate.steps,
+                q.total_steps,
+                advice=" — lower max_train_epochs, the repeats or raise train_batch_size",
+            )
+        )
+    if images is not None and images > q.images_per_dataset:
+        problems.append(_over("images in the dataset", images, q.images_per_dataset))
+    storage_mb = u.storage_bytes / 2**20
+    if estimate.kind == "train" and storage_mb >= q.storage_mb:
+        problems.append(
+            f"storage: your LoRAs use {storage_mb:.1f} MB of {q.storage_mb:g} MB "
+            f"(over by {storage_mb - q.storage_mb:.1f} MB) — delete some first"
+        )
+    if problems:
+        raise QuotaError("over your quota: " + "; ".join(problems))
+
+
+# ---- cost estimates ----
+
+
+@dataclass
+class Estimate:
+    kind: str
+    steps: int
+    seconds: float
+    rate_key: str
+    measured: bool  # from finished jobs, not the default
+
+
+def base_family(base: str) -> str:
+    """sd15 or sdxl, read without loading the model (for default sizes and presets)."""
+    if base.startswith(("tiny:", "random:")):
+        return base.split(":", 1)[1]
+    path = Path(base)
+    if path.is_dir():
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
+    from safetensors import safe_open  # header only; no tensors are read
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = f.keys()
+    except Exception as e:  # safetensors raises several types for unreadable files
+        raise ConfigError(f"base model {base} cannot be read: {e}") from None
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
+
+
+def _cost(db: Database, kind: str, rate_key: str, steps: int, default_rate: float) -> Estimate:
+    measured = store.seconds_per_step(db, rate_key)
+    rate = measured if measured is not None else default_rate
+    return Estimate(kind, steps, round(steps * rate, 1), rate_key, measured is not None)
+
+
+def estimate_train(db: Database, cfg: Config, spec: TrainSpec, family: str, weighted_images: int) -> Estimate:
+    preset = preset_settings(spec.preset, family) if spec.preset else {}
+    s = {**spec.model_dump(), **{k: v for k, v in preset.items() if k not in spec.model_fields_set}}
+    w, h = s["resolution"] or (NATIVE[family],) * 2
+    batches = math.ceil(weighted_images / s["train_batch_size"])
+    per_epoch = math.ceil(batches / s["gradient_accumulation_steps"])
+    steps = per_epoch * s["max_train_epochs"] if s["max_train_epochs"] else s["max_train_steps"]
+    default = cfg.scheduling.seconds_per_step * (w * h / 512**2) * s["train_batch_size"]
+    key = f"train|{spec.base}|{w}x{h}|b{s['train_batch_size']}"
+    return _cost(db, "train", key, steps, default)
+
+
+def estimate_gen(db: Database, cfg: Config, spec: dict[str, Any], family: str) -> Estimate:
+    w = spec.get("width") or NATIVE[family]
+    h = spec.get("height") or NATIVE[family]
+    steps = int(spec.get("steps") or 20) * int(spec.get("count") or 1)
+    default = cfg.scheduling.gen_seconds_per_step * (w * h / 512**2)
+    return _cost(db, "gen", f"gen|{spec['base']}|{w}x{h}", steps, default)
+
+
+# ---- submitting ----
+
+
+def _submit(
+    db: Database,
+    cfg: Config,
+    member: str,
+    kind: str,
+    name: str | None,
+    spec: dict[str, Any],
+    estimate: Estimate,
+    images: int | None = None,
+) -> store.Job:
+    with store.immediate(db):
+        check_quota(usage(db, cfg, member), estimate, images)
+        job_id = store.insert_job(
+            db, kind, member, name, spec, estimate.rate_key, estimate.steps, estimate.seconds
+        )
+        # Outputs go under the member's folder, named by job id so no member text becomes a path.
+        spec["output_dir"] = str(
+            member_path(cfg.data_dir, member, "loras" if kind == "train" else kind, str(job_id))
+        )
+        store.set_job_spec(db, job_id, spec)
+    return store.get_job(db, job_id)
+
+
+def submit_train(
+    db: Database,
+    cfg: Config,
+    member: str,
+    dataset: str,
+    base: str,
+    name: str,
+    settings: dict[str, Any] | None = None,
+    roles: list[str] | None = None,
+) -> store.Job:
+    """Queue a training job on the member's dataset ``dataset`` (a folder under their datasets)."""
+    try:
+        data = member_path(cfg.data_dir, member, "datasets", dataset)
+        store.ensure_member(db, member, roles)
+        if not data.is_dir():
+            raise JobError(f"you have no dataset named '{dataset}'")
+        images, weighted = dataset_images(data, int((settings or {}).get("num_repeats", 1)))
+        if not images:
+            raise JobError(f"dataset '{dataset}' has no images")
+        raw = {
+            **(settings or {}),
+            "base": cfg.base(base),
+            "output_name": name,
+            "train_data_dir": str(data),
+            "output_dir": str(member_path(cfg.data_dir, member, "loras", "pending")),
+        }
+        spec = TrainSpec.parse(raw)
+        estimate = estimate_train(db, cfg, spec, base_family(spec.base), weighted)
+    except (SpecError, ConfigError, PathError) as e:
+        raise JobError(str(e)) from None
+    return _submit(db, cfg, member, "train", name, raw, estimate, images)
+
+
+def submit_gen(
+    db: Database,
+    cfg: Config,
+    member: str,
+    prompt: str,
+    base: str,
+    settings: dict[str, Any] | None = None,
+    roles: list[str] | None = None,
+) -> store.Job:
+    try:
+        store.ensure_member(db, member, roles)
+        spec = {**(settings or {}), "prompt": prompt, "base": cfg.base(base)}
+        estimate = estimate_gen(db, cfg, spec, base_family(spec["base"]))
+    except (ConfigError, PathError) as e:
+        raise JobError(str(e)) from None
+    return _submit(db, cfg, member, "gen", None, spec, estimate)
+
+
+def request_cancel(db: Database, job_id: int, member: str | None = None) -> str:
+    """Cancel a queued job now, or ask the scheduler to stop a running one within a step.
+
+    ``member`` set: only that member's own job; None: an operator, any job.
+    """
+    job = store.get_job(db, job_id)
+    if job is None or (member is not None and job.owner != member):
+        raise JobError(f"no job {job_id}" + (" of yours" if member is not None and job else ""))
+    if store.transition(db, job_id, ("queued",), "cancelled", finished_at=time.time(), failure="cancelled"):
+        return "cancelled"
+    if job.state == "running" or store.get_job(db, job_id).state == "running":
+        store.update_job(db, job_id, cancel_requested=1)
+        return "stopping"
+    raise JobError(f"job {job_id} is already {job.state}")
+
+
+# ---- queue order, positions, ETAs ----
+
+
+def _remaining(job: store.Job, now: float) -> float:
+    """Seconds a job still needs: the trainer's own ETA while it runs, else the estimate."""
+    if job.state == "running":
+        progress = job.progress_dict
+        if progress and "eta_s" in progress:
+            return float(progress["eta_s"])
+        return max((job.estimate_s or 0) - (now - (job.started_at or now)), 0.0)
+    return job.estimate_s or 0.0
+
+
+def fair_order(queued: list[store.Job], used: dict[str, float]) -> list[store.Job]:
+    """Queued jobs in the order they would start: generation first (in submit order), resumed
+    training next, then each next job to the member with the least GPU time so far (counting the
+    jobs already ordered ahead of it), ties by submit time."""
+    used = dict(used)
+    gen = [j for j in queued if j.kind != "train"]
+    train = sorted((j for j in queued if j.kind == "train"), key=lambda j: (j.submitted_at, j.id))
+    order = sorted(gen, key=lambda j: (j.submitted_at, j.id))
+    while train:
+        pick = min(train, key=lambda j: (j.attempts == 0, used.get(j.owner, 0.0), j.submitted_at, j.id))
+        train.remove(pick)
+        used[pick.owner] = used.get(pick.owner, 0.0) + (pick.estimate_s or 0.0)
+        order.append(pick)
+    return order
+
+
+def window_usage(db: Database, cfg: Config, running: list[store.Job], now: float) -> dict[str, float]:
+    used = store.gpu_seconds_since(db, now - cfg.scheduling.fair_window_hours * 3600)
+    for job in running:
+        used[job.owner] = used.get(job.owner, 0.0) + _remaining(job, now)
+    return used
+
+
+@dataclass
+class Planned:
+    job: store.Job
+    position: int  # 1 = next to start
+    eta_s: float  # seconds until it starts
+
+
+@dataclass
+class Plan:
+    running: list[store.Job]
+    queued: list[Planned] = field(default_factory=list)
+
+
+def plan(db: Database, cfg: Config, now: float | None = None) -> Plan:
+    """Where every active job stands: positions and start ETAs from the estimates of the jobs ahead."""
+    now = time.time() if now is None else now
+    running = store.list_jobs(db, ("running",))
+    queued = store.list_jobs(db, ("queued",))
+    slots = sorted([now] * len(cfg.workers.devices))
+    busy: dict[str, list[float]] = {}
+    for job in running:
+        if job.kind == "train" and slots:
+            end = now + _remaining(job, now)
+            slots[slots.index(min(slots))] = end
+            busy.setdefault(job.owner, []).append(end)
+    result = Plan(running)
+    gen_ahead = 0.0
+    limits: dict[str, int] = {}
+    for position, job in enumerate(fair_order(queued, window_usage(db, cfg, running, now)), start=1):
+        if job.kind != "train":
+            # Served between training steps: only the generation ahead of it delays it.
+            result.queued.append(Planned(job, position, gen_ahead / max(len(slots), 1)))
+            gen_ahead += job.estimate_s or 0.0
+            continue
+        i = slots.index(min(slots))
+        start = slots[i]
+        mine = busy.setdefault(job.owner, [])
+        if job.owner not in limits:
+            limits[job.owner] = max(effective_quota(db, cfg, job.owner).concurrent_jobs, 1)
+        if len(mine) >= limits[job.owner]:
+            start = max(start, mine.pop(mine.index(min(mine))))
+        end = start + (job.estimate_s or 0.0)
+        slots[i] = end
+        mine.append(end)
+        result.queued.append(Planned(job, position, start - now))
+    return result

@@ -1,0 +1,252 @@
+"""The scheduler: reads the queue from the store, hands jobs to free workers, records what comes back.
+
+One asyncio task. The store is the truth and is polled (``[scheduling] poll_seconds``), so jobs
+submitted or cancelled by another process (``loracord jobs …``) are seen without any other
+channel. A worker that dies sends its jobs back to the queue to resume from their last saved
+epoch (failed with the reason after ``max_attempts`` runs); jobs found running at start-up are
+recovered the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from runner.spec import DoneEvent, EpochEvent, FailedEvent, ImagesEvent, ProgressEvent
+
+from . import jobs, store
+from .config import Config
+from .dispatch import Dispatcher, Message, WorkerDied
+from .files import sha256_file
+
+log = logging.getLogger(__name__)
+FINAL = ("done", "failed", "images", "tagged")  # the events that end a job
+Listener = Callable[[store.Job, Any], Awaitable[None] | None]
+
+
+@dataclass
+class _Slot:
+    main: int | None = None  # the job the worker runs
+    training: bool = False  # whether that job trains (short jobs can then go between its steps)
+    between: set[int] = field(default_factory=set)  # short jobs it serves between training steps
+
+
+@dataclass
+class Timing:
+    """Where the scheduler's own time goes, for the operator's note."""
+
+    dispatch_s: list[float] = field(default_factory=list)  # deciding and sending one job
+    handle_s: list[float] = field(default_factory=list)  # recording one event
+    end_to_start_s: list[float] = field(default_factory=list)  # a worker's job end → its next job sent
+
+
+class Scheduler:
+    def __init__(self, db: Database, cfg: Config, dispatcher: Dispatcher):
+        self.db, self.cfg, self.dispatcher = db, cfg, dispatcher
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.slots = {w: _Slot() for w in dispatcher.workers}
+        self.listeners: list[Listener] = []
+        self.timing = Timing()
+        self._freed_at: dict[str, float] = {}
+        self._lent: dict[int, float] = {}  # training job → seconds its worker spent on short jobs
+        self._cancel_sent: set[int] = set()
+        self.restarts = 0
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(job, event)`` after each event is recorded (the Discord side's hook)."""
+        self.listeners.append(listener)
+
+    # ---- the loop ----
+
+    async def run(self, stop: asyncio.Event) -> None:
+        # Time a job ran before the bot went down is unknown: nothing is charged for it.
+        self.recover("the bot restarted while it ran", charge=False)
+        await self.dispatcher.start(self.inbox)
+        try:
+            while not stop.is_set():
+                await self.tick()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.cfg.scheduling.poll_seconds):
+                        await self.handle(await self.inbox.get())
+                while not self.inbox.empty():
+                    await self.handle(self.inbox.get_nowait())
+        finally:
+            await self.dispatcher.close()
+            self.recover("the bot was stopped while it ran")
+
+    def recover(self, reason: str, charge: bool = True) -> None:
+        """Send every running job back to the queue (or fail it after too many tries)."""
+        for job in store.list_jobs(self.db, ("running",)):
+            self._requeue(job, reason, charge)
+        self.slots = {w: _Slot() for w in self.slots}
+
+    async def tick(self) -> None:
+        for job in store.list_jobs(self.db, ("running",)):
+            if job.cancel_requested and job.id not in self._cancel_sent and job.worker in self.slots:
+                self._cancel_sent.add(job.id)
+                await self.dispatcher.cancel(job.worker, job.id)
+        if store.get_setting(self.db, "paused", False):
+            return
+        queued = store.list_jobs(self.db, ("queued",))
+        if not queued:
+            return
+        started = time.perf_counter()
+        running = store.list_jobs(self.db, ("running",))
+        training = {}
+        for job in running:
+            if job.kind == "train":
+                training[job.owner] = training.get(job.owner, 0) + 1
+        now = time.time()
+        for job in jobs.fair_order(queued, jobs.window_usage(self.db, self.cfg, running, now)):
+            worker = self._worker_for(job, training)
+            if worker is None:
+                continue
+            if await self._start(job, worker):
+                if job.kind == "train":
+                    training[job.owner] = training.get(job.owner, 0) + 1
+                self.timing.dispatch_s.append(time.perf_counter() - started)
+                started = time.perf_counter()
+
+    def _worker_for(self, job: store.Job, training: dict[str, int]) -> str | None:
+        free = [w for w, s in self.slots.items() if s.main is None and not s.between]
+        if job.kind != "train":
+            # An idle worker, else one that trains and is not already serving a short job.
+            busy = [w for w, s in self.slots.items() if s.training and not s.between]
+            return (free or busy or [None])[0]
+        limit = jobs.effective_quota(self.db, self.cfg, job.owner).concurrent_jobs
+        if not free or training.get(job.owner, 0) >= limit:
+            return None
+        return free[0]
+
+    async def _start(self, job: store.Job, worker: str) -> bool:
+        try:
+            jobs.move(
+                self.db,
+                job.id,
+                "running",
+                worker=worker,
+                started_at=time.time(),
+                attempts=job.attempts + 1,
+                progress=None,
+            )
+        except jobs.JobError:
+            return False  # cancelled by another process in the meantime
+        slot = self.slots[worker]
+        if slot.main is None:
+            slot.main, slot.training = job.id, job.kind == "train"
+        else:
+            slot.between.add(job.id)
+        if worker in self._freed_at:
+            self.timing.end_to_start_s.append(time.monotonic() - self._freed_at.pop(worker))
+        store.add_event(self.db, job.id, "started", {"worker": worker, "attempt": job.attempts + 1})
+        await self.dispatcher.send(worker, job.id, job.kind, job.spec_dict)
+        return True
+
+    # ---- what comes back ----
+
+    async def handle(self, msg: Message) -> None:
+        started = time.perf_counter()
+        if isinstance(msg, WorkerDied):
+            self.restarts += 1
+            slot = self.slots[msg.worker]
+            for job_id in [slot.main, *slot.between]:
+                job = store.get_job(self.db, job_id) if job_id is not None else None
+                if job and job.state == "running":
+                    self._requeue(job, f"its worker {msg.reason}")
+            self._release(msg.worker, [slot.main, *slot.between])
+            return
+        job = store.get_job(self.db, msg.job_id)
+        if job is None or job.state != "running":
+            return  # a late event of a job already finished or recovered
+        event = msg.event
+        if isinstance(event, ProgressEvent):
+            store.update_job(self.db, job.id, progress=event.model_dump_json())
+        else:
+            store.add_event(self.db, job.id, event.type, event.model_dump(mode="json"))
+        if isinstance(event, EpochEvent):
+            store.update_job(self.db, job.id, last_epoch=event.epoch)
+            await self._artifacts(job, "lora", [event.lora_file], event.epoch)
+            await self._artifacts(job, "image", event.sample_images, event.epoch)
+        elif isinstance(event, DoneEvent):
+            await self._artifacts(job, "lora", [event.lora_file], None)
+        elif isinstance(event, ImagesEvent):
+            await self._artifacts(job, "image", event.images, None)
+        if event.type in FINAL:
+            self._finish(job, event)
+            self._release(msg.worker, [job.id])
+        self.timing.handle_s.append(time.perf_counter() - started)
+        fresh = store.get_job(self.db, job.id)
+        for listener in self.listeners:
+            result = listener(fresh, event)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def _artifacts(self, job: store.Job, kind: str, paths: list[str], epoch: int | None) -> None:
+        for path in paths:
+            p = Path(path)
+            digest = await asyncio.to_thread(sha256_file, p)  # LoRAs are large; the loop stays free
+            store.add_artifact(self.db, job.id, job.owner, kind, str(p), digest, p.stat().st_size, epoch)
+
+    def _charge(self, job: store.Job, now: float, measured: float | None = None) -> float:
+        """Charge this attempt's GPU time: wall time on the worker, less what short jobs borrowed
+        from it; a short job served between steps pays its own measured ``seconds`` instead."""
+        lender = next((s.main for s in self.slots.values() if job.id in s.between), None)
+        if lender is not None and measured is not None:
+            seconds = measured
+            self._lent[lender] = self._lent.get(lender, 0.0) + seconds
+        else:
+            seconds = max(now - (job.started_at or now) - self._lent.pop(job.id, 0.0), 0.0)
+        store.charge(self.db, job.owner, job.id, seconds)
+        return seconds
+
+    def _finish(self, job: store.Job, event: Any) -> None:
+        now = time.time()
+        seconds = self._charge(job, now, getattr(event, "seconds", None))
+        values: dict[str, Any] = {"finished_at": now, "run_seconds": job.run_seconds + seconds}
+        if isinstance(event, FailedEvent):
+            state = "cancelled" if event.kind == "cancelled" else "failed"
+            values["failure"] = event.reason
+        else:
+            state = "done"
+            values["result"] = event.model_dump_json()
+            if isinstance(event, DoneEvent):
+                values["steps"] = event.steps
+        jobs.move(self.db, job.id, state, **values)
+
+    def _requeue(self, job: store.Job, reason: str, charge: bool = True) -> None:
+        now = time.time()
+        seconds = self._charge(job, now) if charge and job.started_at else 0.0
+        values: dict[str, Any] = {"run_seconds": job.run_seconds + seconds}
+        if job.cancel_requested:
+            jobs.move(
+                self.db, job.id, "cancelled", finished_at=now, failure=f"cancelled ({reason})", **values
+            )
+        elif job.attempts >= self.cfg.scheduling.max_attempts:
+            failure = f"{reason}; gave up after {job.attempts} tries"
+            jobs.move(self.db, job.id, "failed", finished_at=now, failure=failure, **values)
+        else:
+            if job.kind == "train":
+                store.set_job_spec(self.db, job.id, {**job.spec_dict, "resume": True})
+            jobs.move(self.db, job.id, "queued", worker=None, started_at=None, progress=None, **values)
+            where = f"epoch {job.last_epoch}" if job.last_epoch else "the start"
+            store.add_event(self.db, job.id, "requeued", {"reason": reason, "resume_from": where})
+        log.warning("job %s: %s", job.id, reason)
+
+    def _release(self, worker: str, job_ids: list[int | None]) -> None:
+        slot = self.slots[worker]
+        for job_id in job_ids:
+            if job_id is None:
+                continue
+            self._cancel_sent.discard(job_id)
+            slot.between.discard(job_id)
+            if slot.main == job_id:
+                slot.main, slot.training = None, False
+                self._freed_at[worker] = time.monotonic()

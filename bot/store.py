@@ -1,0 +1,360 @@
+"""SQLite (WAL) through sqlite-utils: the single source of truth, and every query there is.
+
+The schema lives in ``MIGRATIONS``, applied in order at start-up (``PRAGMA user_version`` holds
+the last one applied), so an old database is brought up to date in place. The connection runs
+in autocommit mode; ``immediate`` takes the write lock for a read-check-write that must not
+interleave with another process (the CLI and a running ``loracord run`` share the file).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+
+
+def _m1_schema(db: Database) -> None:
+    db["members"].create({"id": str, "roles": str, "created_at": float}, pk="id")
+    db["datasets"].create(
+        {"id": int, "owner": str, "name": str, "path": str, "images": int, "created_at": float},
+        pk="id",
+        foreign_keys=[("owner", "members", "id")],
+    )
+    db["datasets"].create_index(["owner", "name"], unique=True)
+    db["jobs"].create(
+        {
+            "id": int,
+            "kind": str,  # train | gen (| tag, …)
+            "owner": str,
+            "name": str,
+            "state": str,
+            "spec": str,  # JSON as the worker receives it
+            "rate_key": str,  # jobs with the same key cost the same per step
+            "steps": int,  # planned steps (× images for generation)
+            "estimate_s": float,
+            "submitted_at": float,
+            "started_at": float,  # of the current attempt
+            "finished_at": float,
+            "worker": str,
+            "attempts": int,
+            "last_epoch": int,
+            "run_seconds": float,  # GPU time over all attempts
+            "cancel_requested": int,
+            "progress": str,  # JSON of the last progress event
+            "failure": str,
+            "result": str,  # JSON of the done event
+        },
+        pk="id",
+        not_null={"kind", "owner", "state", "spec", "submitted_at"},
+        defaults={"attempts": 0, "last_epoch": 0, "run_seconds": 0.0, "cancel_requested": 0},
+        foreign_keys=[("owner", "members", "id")],
+    )
+    db["jobs"].create_index(["state", "kind"])
+    db["jobs"].create_index(["owner", "state"])
+    db["jobs"].create_index(["rate_key", "state"])
+    db["job_events"].create(
+        {"id": int, "job_id": int, "at": float, "type": str, "data": str},
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+    )
+    db["job_events"].create_index(["job_id"])
+    db["artifacts"].create(
+        {
+            "id": int,
+            "job_id": int,
+            "owner": str,
+            "kind": str,  # lora | image
+            "epoch": int,
+            "path": str,
+            "sha256": str,
+            "size": int,
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("job_id", "jobs", "id")],
+    )
+    db["artifacts"].create_index(["job_id"])
+    db["artifacts"].create_index(["path"], unique=True)
+    db["ledger"].create({"id": int, "owner": str, "job_id": int, "at": float, "gpu_seconds": float}, pk="id")
+    db["ledger"].create_index(["owner", "at"])
+    db["quota_overrides"].create(
+        {"scope": str, "subject": str, "key": str, "value": float}, pk=("scope", "subject", "key")
+    )
+    db["settings"].create({"key": str, "value": str}, pk="key")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema]
+
+
+def open_store(path: str | Path) -> Database:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    db = Database(conn)
+    db.enable_wal()
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    migrate(db)
+    return db
+
+
+def migrate(db: Database) -> int:
+    with immediate(db):
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            step(db)
+            db.execute(f"PRAGMA user_version = {number}")
+    return len(MIGRATIONS)
+
+
+@contextmanager
+def immediate(db: Database) -> Iterator[None]:
+    """One write transaction, taken up front so a check and its write see the same data."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+# ---- members ----
+
+
+def ensure_member(db: Database, member: str, roles: list[str] | None = None) -> None:
+    db.execute(
+        "INSERT INTO members (id, roles, created_at) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+        "roles = coalesce(excluded.roles, members.roles)",
+        [member, None if roles is None else json.dumps(roles), time.time()],
+    )
+
+
+def member_roles(db: Database, member: str) -> list[str]:
+    row = db.execute("SELECT roles FROM members WHERE id = ?", [member]).fetchone()
+    return json.loads(row[0]) if row and row[0] else []
+
+
+# ---- datasets ----
+
+
+def add_dataset(db: Database, owner: str, name: str, path: str, images: int) -> int:
+    cur = db.execute(
+        "INSERT INTO datasets (owner, name, path, images, created_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT(owner, name) DO UPDATE SET path = excluded.path, images = excluded.images "
+        "RETURNING id",
+        [owner, name, path, images, time.time()],
+    )
+    return cur.fetchone()[0]
+
+
+# ---- jobs ----
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    owner: str
+    name: str | None
+    state: str
+    spec: str
+    rate_key: str | None
+    steps: int | None
+    estimate_s: float | None
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    worker: str | None
+    attempts: int
+    last_epoch: int
+    run_seconds: float
+    cancel_requested: int
+    progress: str | None
+    failure: str | None
+    result: str | None
+
+    @property
+    def spec_dict(self) -> dict[str, Any]:
+        return json.loads(self.spec)
+
+    @property
+    def progress_dict(self) -> dict[str, Any] | None:
+        return json.loads(self.progress) if self.progress else None
+
+
+_JOB_COLUMNS = [f.name for f in fields(Job)]
+
+
+def _job(row: dict[str, Any]) -> Job:
+    return Job(**{k: row[k] for k in _JOB_COLUMNS})
+
+
+def insert_job(
+    db: Database,
+    kind: str,
+    owner: str,
+    name: str | None,
+    spec: dict[str, Any],
+    rate_key: str,
+    steps: int,
+    estimate_s: float,
+) -> int:
+    cur = db.execute(
+        "INSERT INTO jobs (kind, owner, name, state, spec, rate_key, steps, estimate_s, submitted_at) "
+        "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?) RETURNING id",
+        [kind, owner, name, json.dumps(spec, ensure_ascii=False), rate_key, steps, estimate_s, time.time()],
+    )
+    return cur.fetchone()[0]
+
+
+def set_job_spec(db: Database, job_id: int, spec: dict[str, Any]) -> None:
+    db.execute("UPDATE jobs SET spec = ? WHERE id = ?", [json.dumps(spec, ensure_ascii=False), job_id])
+
+
+def get_job(db: Database, job_id: int) -> Job | None:
+    rows = list(db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
+    return _job(rows[0]) if rows else None
+
+
+def list_jobs(
+    db: Database, states: tuple[str, ...] = STATES, owner: str | None = None, limit: int = 1000
+) -> list[Job]:
+    sql = f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))})"
+    params: list[Any] = list(states)
+    if owner is not None:
+        sql += " AND owner = ?"
+        params.append(owner)
+    sql += " ORDER BY submitted_at, id LIMIT ?"
+    return [_job(r) for r in db.query(sql, [*params, limit])]
+
+
+def count_jobs(db: Database, owner: str, states: tuple[str, ...]) -> int:
+    sql = f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN ({', '.join('?' * len(states))})"
+    return db.execute(sql, [owner, *states]).fetchone()[0]
+
+
+def transition(db: Database, job_id: int, allowed_from: tuple[str, ...], to: str, **values: Any) -> bool:
+    """Move a job to ``to`` only if it is in one of ``allowed_from`` now (compare-and-set, so two
+    processes can never both start, or both finish, the same job)."""
+    sets = ", ".join(["state = ?", *(f"{k} = ?" for k in values)])
+    sql = f"UPDATE jobs SET {sets} WHERE id = ? AND state IN ({', '.join('?' * len(allowed_from))})"
+    cur = db.execute(sql, [to, *values.values(), job_id, *allowed_from])
+    return cur.rowcount == 1
+
+
+def update_job(db: Database, job_id: int, **values: Any) -> None:
+    db["jobs"].update(job_id, values)
+
+
+def add_event(db: Database, job_id: int, type_: str, data: dict[str, Any]) -> None:
+    db.execute(
+        "INSERT INTO job_events (job_id, at, type, data) VALUES (?, ?, ?, ?)",
+        [job_id, time.time(), type_, json.dumps(data, ensure_ascii=False)],
+    )
+
+
+def job_events(db: Database, job_id: int) -> list[dict[str, Any]]:
+    return [
+        {"at": r["at"], "type": r["type"], **json.loads(r["data"])}
+        for r in db.query("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", [job_id])
+    ]
+
+
+def seconds_per_step(db: Database, rate_key: str, recent: int = 20) -> float | None:
+    """Measured GPU seconds per step of the last finished jobs that share ``rate_key``."""
+    row = db.execute(
+        "SELECT sum(run_seconds), sum(steps) FROM (SELECT run_seconds, steps FROM jobs "
+        "WHERE rate_key = ? AND state = 'done' AND steps > 0 AND run_seconds > 0 "
+        "ORDER BY finished_at DESC LIMIT ?)",
+        [rate_key, recent],
+    ).fetchone()
+    return row[0] / row[1] if row and row[1] else None
+
+
+# ---- artifacts ----
+
+
+def add_artifact(
+    db: Database, job_id: int, owner: str, kind: str, path: str, sha256: str, size: int, epoch: int | None
+) -> None:
+    db.execute(
+        "INSERT INTO artifacts (job_id, owner, kind, epoch, path, sha256, size, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO UPDATE SET sha256 = excluded.sha256, "
+        "size = excluded.size, epoch = excluded.epoch",
+        [job_id, owner, kind, epoch, path, sha256, size, time.time()],
+    )
+
+
+def artifacts(db: Database, job_id: int) -> list[dict[str, Any]]:
+    return list(db.query("SELECT * FROM artifacts WHERE job_id = ? ORDER BY id", [job_id]))
+
+
+def storage_bytes(db: Database, owner: str) -> int:
+    row = db.execute(
+        "SELECT coalesce(sum(size), 0) FROM artifacts WHERE owner = ? AND kind = 'lora'", [owner]
+    )
+    return row.fetchone()[0]
+
+
+# ---- GPU time ----
+
+
+def charge(db: Database, owner: str, job_id: int, gpu_seconds: float) -> None:
+    db.execute(
+        "INSERT INTO ledger (owner, job_id, at, gpu_seconds) VALUES (?, ?, ?, ?)",
+        [owner, job_id, time.time(), gpu_seconds],
+    )
+
+
+def gpu_seconds_since(db: Database, since: float, owner: str | None = None) -> dict[str, float]:
+    """GPU seconds charged per member since ``since`` (only ``owner`` when given)."""
+    sql = "SELECT owner, sum(gpu_seconds) FROM ledger WHERE at >= ?"
+    params: list[Any] = [since]
+    if owner is not None:
+        sql += " AND owner = ?"
+        params.append(owner)
+    return dict(db.execute(sql + " GROUP BY owner", params).fetchall())
+
+
+# ---- quota overrides and settings ----
+
+
+def set_quota_override(db: Database, scope: str, subject: str, key: str, value: float | None) -> None:
+    if value is None:
+        db.execute(
+            "DELETE FROM quota_overrides WHERE scope = ? AND subject = ? AND key = ?", [scope, subject, key]
+        )
+    else:
+        db["quota_overrides"].upsert(
+            {"scope": scope, "subject": subject, "key": key, "value": value}, pk=("scope", "subject", "key")
+        )
+
+
+def quota_overrides(db: Database, scope: str, subjects: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    if not subjects:
+        return out
+    sql = f"SELECT * FROM quota_overrides WHERE scope = ? AND subject IN ({', '.join('?' * len(subjects))})"
+    for r in db.query(sql, [scope, *subjects]):
+        out.setdefault(r["subject"], {})[r["key"]] = r["value"]
+    return out
+
+
+def get_setting(db: Database, key: str, default: Any = None) -> Any:
+    row = db.execute("SELECT value FROM settings WHERE key = ?", [key]).fetchone()
+    return json.loads(row[0]) if row else default
+
+
+def set_setting(db: Database, key: str, value: Any) -> None:
+    db["settings"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
