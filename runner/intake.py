@@ -346,6 +346,10 @@ def _decode(data: bytes, spec: IntakeSpec) -> _Decoded:
         raise _Refused(_not_an_image(data)) from None
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, struct.error, …)
         raise _Refused(unreadable_reason(e)) from None
+    if min(rgb.size) < spec.min_side:
+        raise _Refused(
+            f"only {rgb.width}×{rgb.height} px; at least {spec.min_side} px on the short side is needed"
+        )
     if rotated:
         changes.insert(0, "turned upright (EXIF)")
     if frames > 1:
@@ -483,10 +487,6 @@ def _accept(
 ) -> IntakeEntry:
     w, h = decoded.rgb.size
     entry_warnings = []
-    if min(w, h) < spec.min_side:
-        return _rejected(
-            cand.source, f"only {w}×{h} px; at least {spec.min_side} px on the short side is needed"
-        )
     if w * h < spec.resolution**2 / 2:
         scale = math.sqrt(spec.resolution**2 / (w * h))
         entry_warnings.append(
