@@ -279,7 +279,7 @@ def _candidates(spec: IntakeSpec, out: Path) -> Iterator[_Candidate | IntakeEntr
 
 
 def register_optional_decoders() -> bool:
-    """HEIC through pillow-heif when it is installed (AVIF is built into Pillow ≥ 11.3)."""
+    """HEIC through pillow-heif when it is installed (current Pillow wheels read AVIF themselves)."""
     try:
         import pillow_heif
     except ImportError:
