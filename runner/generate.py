@@ -13,20 +13,24 @@ timesteps, and DDIM does not clip x0 (kohya's previews do, A1111 does not).
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -40,8 +44,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .models import Base
+from .grid import Grid, image_grid
+from .infotext import format_parameters, lora_tag, split_lora_tags
+from .lora_io import LoraFileError
+from .loras import FAMILY_NAMES, find_lora
+from .models import Base, ModelError
+from .spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SpecError
 from .text import encode_prompts
+
+if TYPE_CHECKING:
+    from .pipelines import PipelineCache
 
 DEFAULT_SAMPLER = "euler_a"
 MAX_SIDE = 4096
@@ -61,6 +73,13 @@ class SamplerDef:
     options: dict[str, Any] = field(default_factory=dict)
     # A1111's "Schedule type" when its "Automatic" would pick another schedule for this sampler.
     schedule_type: str | None = None
+    # The older A1111 name that folds the schedule in ("DPM++ 2M Karras"); it replaces `display` as a name.
+    alias: str | None = None
+    seeded_noise: bool = False  # an SDE sampler whose Brownian noise takes the image's seed, as in A1111
+
+    @property
+    def name(self) -> str:
+        return self.alias or self.display
 
 
 _K_DIFFUSION = {"timestep_spacing": "linspace"}
@@ -77,6 +96,21 @@ SAMPLERS: dict[str, SamplerDef] = {
         {**_K_DIFFUSION, "algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
         schedule_type="Uniform",
     ),
+    "dpm++_2m_karras": SamplerDef(
+        "DPM++ 2M",
+        DPMSolverMultistepScheduler,
+        {**_K_DIFFUSION, "algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        schedule_type="Karras",
+        alias="DPM++ 2M Karras",
+    ),
+    "dpm++_sde_karras": SamplerDef(
+        "DPM++ SDE",
+        DPMSolverSDEScheduler,
+        {**_K_DIFFUSION, "use_karras_sigmas": True},
+        schedule_type="Karras",
+        alias="DPM++ SDE Karras",
+        seeded_noise=True,
+    ),
     "lms": SamplerDef("LMS", LMSDiscreteScheduler, _K_DIFFUSION),
     "heun": SamplerDef("Heun", HeunDiscreteScheduler, _K_DIFFUSION),
     "pndm": SamplerDef("PLMS", PNDMScheduler, {**_COMPVIS, "skip_prk_steps": True}),
@@ -91,18 +125,20 @@ SAMPLERS: dict[str, SamplerDef] = {
 
 
 def resolve_sampler(name: str) -> str:
-    """The kohya key for a kohya name (``euler_a``) or an A1111 name (``Euler a``), any case."""
+    """The key for a kohya name (``euler_a``) or an A1111 name (``Euler a``, ``DPM++ 2M Karras``), any case."""
     wanted = name.strip().lower()
     for key, sampler in SAMPLERS.items():
-        if wanted in (key, sampler.display.lower()):
+        if wanted in (key, sampler.name.lower()):
             return key
-    raise ValueError(f"unknown sampler '{name}': use one of {', '.join(SAMPLERS)}")
+    names = ", ".join(s.name for s in SAMPLERS.values())
+    raise ValueError(f"unknown sampler '{name}': use one of {names}")
 
 
-def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> SchedulerMixin:
+def make_scheduler(name: str, scheduler_config: dict[str, Any], seed: int | None = None) -> SchedulerMixin:
     """A fresh diffusers scheduler for a sampler name, on the base model's noise schedule."""
     sampler = SAMPLERS[resolve_sampler(name)]
-    return sampler.scheduler.from_config(scheduler_config, **sampler.options)
+    options = {**sampler.options, **({"noise_sampler_seed": seed} if sampler.seeded_noise else {})}
+    return sampler.scheduler.from_config(scheduler_config, **options)
 
 
 # ---- prompts ----
@@ -280,7 +316,7 @@ class Sampler:
         """
         sp = sp.seeded()
         base = self.base
-        self.pipe.scheduler = make_scheduler(sp.sampler or DEFAULT_SAMPLER, base.scheduler_config)
+        self.pipe.scheduler = make_scheduler(sp.sampler or DEFAULT_SAMPLER, base.scheduler_config, sp.seed)
         generator = torch.Generator("cpu").manual_seed(sp.seed)
         scale = base.vae_scale_factor
         shape = (1, base.unet.config.in_channels, sp.height // scale, sp.width // scale)
@@ -340,20 +376,11 @@ class Sampler:
             "Model hash": model_hash,
             "Model": model_name,
             "Clip skip": self.clip_skip if self.clip_skip and self.clip_skip > 1 else None,
+            "RNG": "CPU",  # the starting noise comes from a CPU generator; A1111 then draws the same
             **(extra or {}),
             "Version": f"loracord {version('loracord')}",
         }
-        line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
-        negative = f"\nNegative prompt: {sp.negative}" if sp.negative else ""
-        return f"{sp.prompt}{negative}\n{line}"
-
-
-def _quote(value: Any) -> str:
-    # A1111's own quoting rule for infotext values, so its parser splits the line back correctly.
-    text = str(value)
-    if any(c in text for c in ",\n:"):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+        return format_parameters(sp.prompt, sp.negative, fields)
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
@@ -361,3 +388,204 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     info = PngInfo()
     info.add_text("parameters", parameters)
     image.save(path, format="PNG", pnginfo=info)
+
+
+# ---- generation with LoRAs (/gen, `loracord gen`, grids) ----
+
+
+class Cancelled(Exception):
+    """The caller's cancel event was set between two images."""
+
+
+@dataclass
+class GenImage:
+    image: Image.Image
+    parameters: str  # A1111's parameters text
+    seed: int
+
+
+# A1111 removes these from a LoRA's name in "Lora hashes", whose own syntax uses them.
+_HASH_NAME = str.maketrans("", "", ":,")
+
+
+def size_limits(base: Base) -> tuple[int, int]:
+    """Sides a family renders well: half to twice its native size (SD1.5 256-1024, SDXL 512-2048)."""
+    return max(64, base.native_resolution // 2), base.native_resolution * 2
+
+
+def _size(spec: GenSpec, base: Base) -> tuple[int, int]:
+    lo, hi = size_limits(base)
+    width, height = spec.width or base.native_resolution, spec.height or base.native_resolution
+    for what, side in (("width", width), ("height", height)):
+        if not lo <= side <= hi:
+            raise SpecError(
+                f"{what} {side} does not suit {base.name} ({FAMILY_NAMES[base.family]}): "
+                f"use {lo}-{hi}, a multiple of 8"
+            )
+    return width, height
+
+
+def gen_images(spec: GenSpec, cache: PipelineCache, cancel: threading.Event | None = None) -> list[GenImage]:
+    """Render ``spec.count`` images (image i with seed + i) on the cache's warm pipeline for the base.
+
+    LoRAs come from ``spec.loras`` and the prompt's ``<lora:name:w>`` tags (a tag wins over the same
+    LoRA in ``spec.loras``); each image's parameters carry every LoRA as a tag, so A1111 applies them.
+    Raises SpecError, LoraFileError or ModelError for bad input, Cancelled when ``cancel`` is set.
+    """
+    try:
+        prompt, tags = split_lora_tags(spec.prompt)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    weights = {lw.name: lw.weight for lw in spec.loras} | {t.name: t.weight for t in tags}
+    tagged = {t.name for t in tags}
+    # Names are checked before a base is loaded: a typo should not wait for a checkpoint.
+    files = [(find_lora(name, spec.lora_dir), weight) for name, weight in weights.items()]
+    warm = cache.pipeline(spec.base)
+    base = warm.base
+    width, height = _size(spec, base)
+    loaded = cache.activate(warm, files)
+    # A LoRA given by path is named as A1111 would name it: by its file name.
+    shown = {n: Path(n).stem if n.lower().endswith(".safetensors") else n for n in weights}
+    shown_prompt = spec.prompt + "".join(
+        f" {lora_tag(shown[n], w)}" for n, w in weights.items() if n not in tagged
+    )
+    hashes = ", ".join(
+        f"{shown[n].translate(_HASH_NAME)}: {lora.short_hash}"
+        for n, lora in zip(weights, loaded, strict=True)
+    )
+    seed = random.randrange(2**32) if spec.seed is None else spec.seed
+    warm.sampler.clip_skip = spec.clip_skip
+    out = []
+    for i in range(spec.count):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
+        sp = SamplePrompt(
+            prompt,
+            negative=spec.negative_prompt,
+            width=width,
+            height=height,
+            seed=(seed + i) % 2**32,
+            cfg_scale=spec.cfg_scale,
+            steps=spec.steps,
+            sampler=resolve_sampler(spec.sampler),
+        )
+        text = warm.sampler.parameters_text(
+            replace(sp, prompt=shown_prompt),
+            base.name,
+            base.model_hash,
+            extra={"Lora hashes": hashes or None},
+        )
+        out.append(GenImage(warm.sampler.render(sp), text, sp.seed))
+    return out
+
+
+def save_images(images: Sequence[GenImage], out_dir: Path) -> list[Path]:
+    """Save as A1111 names them, ``00012-1234.png`` (a running number, then the seed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in out_dir.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    start = max(numbers, default=-1) + 1
+    paths = []
+    for i, img in enumerate(images):
+        path = out_dir / f"{start + i:05d}-{img.seed}.png"
+        save_png(img.image, path, img.parameters)
+        paths.append(path)
+    return paths
+
+
+def generate(spec: GenSpec, cache: PipelineCache, cancel: threading.Event | None = None) -> ImagesEvent:
+    """``gen_images`` saved to ``spec.output_dir``; the event lists the files and their parameters."""
+    started = time.monotonic()
+    images = gen_images(spec, cache, cancel)
+    paths = save_images(images, Path(spec.output_dir))
+    return ImagesEvent(
+        images=[str(p) for p in paths],
+        parameters=[img.parameters for img in images],
+        seeds=[img.seed for img in images],
+        seconds=time.monotonic() - started,
+    )
+
+
+def epoch_files(lora_dir: Path, name: str) -> dict[str, Path]:
+    """A training run's LoRAs by label: ``epoch 1`` … from ``NAME-000001.safetensors`` …, in order,
+    or ``NAME`` alone when only ``NAME.safetensors`` is there."""
+    pattern = re.compile(rf"{re.escape(name)}-(\d+)\.safetensors")
+    epochs = sorted(
+        (int(m.group(1)), p)
+        for p in lora_dir.glob(f"{name}-*.safetensors")
+        if (m := pattern.fullmatch(p.name))
+    )
+    files = {f"epoch {n}": p for n, p in epochs}
+    if not files and (lora_dir / f"{name}.safetensors").is_file():
+        files[name] = lora_dir / f"{name}.safetensors"
+    return files
+
+
+def lora_grid(
+    template: GenSpec,
+    name: str,
+    weights: Sequence[float],
+    prompts: Sequence[str],
+    cache: PipelineCache,
+    epochs: Sequence[int] | None = None,
+    cancel: threading.Event | None = None,
+) -> Grid:
+    """Epochs × prompts (rows) by weights (columns) of one LoRA, every cell with the template's seed.
+
+    ``epochs`` None takes every saved epoch in ``template.lora_dir``. The grid's parameters are its
+    first cell's, as A1111 does for its grids.
+    """
+    if template.lora_dir is None:
+        raise SpecError("a grid needs the LoRA folder of the training run")
+    files = epoch_files(Path(template.lora_dir), name)
+    if epochs is not None:
+        missing = [n for n in epochs if f"epoch {n}" not in files]
+        if missing:
+            have = ", ".join(files) or "none"
+            raise SpecError(f"{name} has no saved epoch {', '.join(map(str, missing))} (saved: {have})")
+        files = {f"epoch {n}": files[f"epoch {n}"] for n in epochs}
+    if not files:
+        find_lora(name, template.lora_dir)  # names the LoRAs that do exist
+        raise SpecError(f"no epochs of {name} in {template.lora_dir}")
+    seed = random.randrange(2**32) if template.seed is None else template.seed
+    rows, row_labels, first = [], [], None
+    for label, path in files.items():
+        for k, prompt in enumerate(prompts):
+            row = []
+            for weight in weights:
+                spec = template.model_copy(
+                    update={
+                        "prompt": prompt,
+                        "loras": [LoraWeight(name=str(path), weight=weight)],
+                        "seed": seed,
+                        "count": 1,
+                    }
+                )
+                (cell,) = gen_images(spec, cache, cancel)
+                first = first or cell
+                row.append(cell.image)
+            rows.append(row)
+            row_labels.append(label if len(prompts) == 1 else f"{label}\nprompt {k + 1}")
+    return image_grid(rows, row_labels, [f"weight {w:g}" for w in weights], parameters=first.parameters)
+
+
+def run_gen(
+    spec: GenSpec, cache: PipelineCache, emit: Callable[[Any], None], cancel: threading.Event | None = None
+) -> ImagesEvent | FailedEvent:
+    """One gen job for a worker or the CLI: every outcome is an event, emitted and returned."""
+    try:
+        result: ImagesEvent | FailedEvent = generate(spec, cache, cancel)
+    except (SpecError, LoraFileError, ModelError) as e:
+        result = FailedEvent(kind="bad_input", reason=str(e))
+    except Cancelled:
+        result = FailedEvent(kind="cancelled", reason="cancelled; images made so far were not saved")
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        result = FailedEvent(
+            kind="out_of_memory",
+            reason="the GPU ran out of memory: lower the size or the count, or use fewer LoRAs at once",
+        )
+    except Exception as e:  # a warm worker must outlive any one request; the log keeps the traceback
+        traceback.print_exc(file=sys.stderr)
+        result = FailedEvent(kind="error", reason=f"{type(e).__name__}: {e}")
+    emit(result)
+    return result

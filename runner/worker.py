@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .spec import EpochEvent, FailedEvent, ProgressEvent, SpecError, TrainSpec
+from .spec import EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TrainSpec
 
 
 @dataclass
@@ -39,6 +39,16 @@ class Worker:
         self.training = False
         self._training_id: Any = None
         self._waiting: list[_Handover] = []
+        self.pipelines: Any = None  # a PipelineCache once the first gen job arrives (it imports torch)
+
+    def generate(self, spec: GenSpec, emit: Callable[[Any], None]) -> Any:
+        """One gen job on this worker's warm pipelines; returns (and emits) ImagesEvent or FailedEvent."""
+        from .generate import run_gen
+        from .pipelines import PipelineCache
+
+        if self.pipelines is None:
+            self.pipelines = PipelineCache(self.device)
+        return run_gen(spec, self.pipelines, emit, self.cancel_event)
 
     def cancel(self, job_id: Any = None) -> None:
         """Cancel the running job, or only job ``job_id`` (dropped if it still waits for a step)."""
@@ -96,18 +106,21 @@ class Worker:
 
     def _run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
         kind = job.get("type")
-        if kind != "train":
+        specs: dict[str, type[TrainSpec | GenSpec]] = {"train": TrainSpec, "gen": GenSpec}
+        if kind not in specs:
             event = FailedEvent(
-                kind="bad_input", reason=f"unknown job type {kind!r}; this worker runs: train"
+                kind="bad_input", reason=f"unknown job type {kind!r}; this worker runs: {', '.join(specs)}"
             )
             emit(event)
             return event
         try:
-            spec = TrainSpec.parse(job.get("spec") or {})
+            spec = specs[kind].parse(job.get("spec") or {})
         except SpecError as e:
             event = FailedEvent(kind="bad_input", reason=str(e))
             emit(event)
             return event
+        if isinstance(spec, GenSpec):
+            return self.generate(spec, emit)
         from .train import train  # torch loads only when there is work to do
 
         return train(spec, emit, self.cancel_event, self.device)
