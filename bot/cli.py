@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-RUNNER_COMMANDS = ("train", "dataset", "tag", "selftest")
+RUNNER_COMMANDS = ("train", "dataset", "tag", "gen", "grid", "selftest")
 OPS_COMMANDS = ("run", "jobs", "quota")
 
 
@@ -23,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return ops_main(argv)
     print(
-        "usage: loracord {run,jobs,quota,train,dataset,tag,selftest} ...\n\n"
+        "usage: loracord {run,jobs,quota,train,dataset,tag,gen,grid,selftest} ...\n\n"
         "  run       the bot: queue, scheduler and GPU workers (--no-discord: without Discord)\n"
         "  jobs      submit, list, show and cancel jobs (loracord jobs --help)\n"
         "  quota     show and set members' and roles' quotas\n"
         "  train     train a LoRA from a folder of images (loracord train --help)\n"
         "  dataset   turn images, folders and zips into a clean, numbered training folder with a report\n"
         "  tag       caption a training folder with a WD14 tagger (trigger word, tag removal, frequencies)\n"
+        "  gen       generate images with LoRAs: <lora:NAME:0.8> in the prompt (loracord gen --help)\n"
+        "  grid      one image of a LoRA's epochs × weights, to pick the best (loracord grid --help)\n"
         "  selftest  prove this install works: trains a tiny LoRA on the CPU, no GPU or network needed",
         file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
     )

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from .gen_cli import add_gen_commands
 from .spec import (
     DoneEvent,
     EpochEvent,
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any tag setting (repeatable)")
     g.add_argument("--json", action="store_true", help="print events as JSON lines")
     g.set_defaults(func=cmd_tag)
+    add_gen_commands(sub)
     s = sub.add_parser("selftest", help="train a tiny LoRA on the CPU and check the result")
     s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     s.set_defaults(func=cmd_selftest)
