@@ -94,7 +94,7 @@ def usage(db: Database, cfg: Config, member: str, now: float | None = None) -> U
         running=sum(j.state == "running" for j in active),
         queued=sum(j.state == "queued" for j in active),
         gpu_seconds_used=store.gpu_seconds_since(db, now - 86400, member).get(member, 0.0),
-        gpu_seconds_reserved=sum(_remaining(j, now) for j in active),
+        gpu_seconds_reserved=sum(_expected(j, now) for j in active),
         storage_bytes=store.storage_bytes(db, member),
     )
 
@@ -297,6 +297,12 @@ def _remaining(job: store.Job, now: float) -> float:
     return job.estimate_s or 0.0
 
 
+def _expected(job: store.Job, now: float) -> float:
+    """GPU seconds a job will have used when it ends, of which none is charged yet."""
+    ran = now - job.started_at if job.state == "running" and job.started_at else 0.0
+    return ran + _remaining(job, now)
+
+
 def fair_order(queued: list[store.Job], used: dict[str, float]) -> list[store.Job]:
     """Queued jobs in the order they would start: generation first (in submit order), resumed
     training next, then each next job to the member with the least GPU time so far (counting the
@@ -316,7 +322,7 @@ def fair_order(queued: list[store.Job], used: dict[str, float]) -> list[store.Jo
 def window_usage(db: Database, cfg: Config, running: list[store.Job], now: float) -> dict[str, float]:
     used = store.gpu_seconds_since(db, now - cfg.scheduling.fair_window_hours * 3600)
     for job in running:
-        used[job.owner] = used.get(job.owner, 0.0) + _remaining(job, now)
+        used[job.owner] = used.get(job.owner, 0.0) + _expected(job, now)
     return used
 
 

@@ -103,6 +103,8 @@ def open_store(path: str | Path) -> Database:
     db = Database(conn)
     db.enable_wal()
     conn.execute("PRAGMA busy_timeout = 30000")
+    # WAL with synchronous=NORMAL cannot corrupt; a power cut may lose the last commits only.
+    conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
     migrate(db)
     return db

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -38,8 +39,10 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
 
 
 class _Child:
-    def __init__(self, name: str, device: str, log_path: Path, inbox: asyncio.Queue[Message]):
-        self.name, self.device, self.log_path, self.inbox = name, device, log_path, inbox
+    def __init__(
+        self, name: str, device: str, log_path: Path, inbox: asyncio.Queue[Message], env: dict[str, str]
+    ):
+        self.name, self.device, self.log_path, self.inbox, self.env = name, device, log_path, inbox, env
         self.proc: asyncio.subprocess.Process | None = None
         self.closing = False
         self.quick_deaths = 0
@@ -57,6 +60,7 @@ class _Child:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
                 limit=2**24,
+                env=self.env,
             )
         self.started = time.monotonic()
         self.reader = asyncio.create_task(self._read(self.proc))
@@ -114,8 +118,15 @@ class LocalDispatcher:
         self.children: dict[str, _Child] = {}
 
     async def start(self, inbox: asyncio.Queue[Message]) -> None:
+        # CPU workers share the cores instead of each starting a thread per core.
+        cpu_workers = sum(d == "cpu" for d in self.devices.values())
+        threads = str(max(1, (os.cpu_count() or 1) // max(cpu_workers, 1)))
         for name, device in self.devices.items():
-            child = _Child(name, device, self.log_dir / f"worker-{name.replace(':', '-')}.log", inbox)
+            env = dict(os.environ)
+            if device == "cpu":
+                env.setdefault("OMP_NUM_THREADS", threads)
+            log_path = self.log_dir / f"worker-{name.replace(':', '-')}.log"
+            child = _Child(name, device, log_path, inbox, env)
             self.children[name] = child
         await asyncio.gather(*(c.spawn() for c in self.children.values()))
 
