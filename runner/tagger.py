@@ -300,7 +300,7 @@ def suggest_removals(captions: list[list[str]], spec: TagSpec, categories: dict[
     for tags in captions:
         for tag in tags:
             forms.setdefault(tag_key(tag), tag)
-        counts.update({tag_key(t) for t in tags})
+        counts.update(list(dict.fromkeys(tag_key(t) for t in tags)))  # ties keep caption order
     trigger = tag_key(spec.trigger_word or "")
     return [
         forms[key]
