@@ -436,8 +436,11 @@ def gen_images(spec: GenSpec, cache: PipelineCache, cancel: threading.Event | No
         prompt, tags = split_lora_tags(spec.prompt)
     except ValueError as e:
         raise SpecError(str(e)) from None
-    weights = {lw.name: lw.weight for lw in spec.loras} | {t.name: t.weight for t in tags}
-    tagged = {t.name for t in tags}
+    # The prompt's tags first, then spec.loras: the order the parameters text lists them in, so that a
+    # re-roll from it sums the adapters in the same order and gets the same pixels.
+    weights = {t.name: t.weight for t in tags}
+    tagged = set(weights)
+    weights |= {lw.name: lw.weight for lw in spec.loras if lw.name not in tagged}
     # Names are checked before a base is loaded: a typo should not wait for a checkpoint.
     files = [(find_lora(name, spec.lora_dir), weight) for name, weight in weights.items()]
     warm = cache.pipeline(spec.base)

@@ -44,11 +44,15 @@ def _quiet_transformers() -> Iterator[None]:
     # Loading a LoRA into a text encoder prints transformers' load report, which lists every LoRA
     # weight as "MISSING" although they are loaded (diffusers fills them in afterwards).
     level = transformers.logging.get_verbosity()
+    bars = transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.logging.enable_progress_bar()
 
 
 # ---- the cache ----

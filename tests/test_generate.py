@@ -4,7 +4,12 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    EulerAncestralDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from peft import LoraConfig
 from PIL import Image
 
@@ -20,7 +25,7 @@ from runner.generate import (
     save_png,
 )
 from runner.models import load_base
-from runner.spec import SampleSampler
+from runner.spec import GenSampler, SampleSampler
 
 DEFAULTS = dict(width=64, height=64, steps=2, sampler="euler_a", seed=7)
 VERSION = version("loracord")
@@ -111,7 +116,13 @@ def test_default_prompts_lead_with_trigger_and_common_tags():
 
 
 def test_every_sampler_name_has_a_scheduler():
-    assert set(SAMPLERS) == set(get_args(SampleSampler))
+    assert set(get_args(SampleSampler)) <= set(SAMPLERS)  # kohya's names, for training samples
+    assert {resolve_sampler(name) for name in get_args(GenSampler)} == set(SAMPLERS)  # A1111's, for /gen
+    karras = make_scheduler("DPM++ 2M Karras", load_base("tiny:sd15").scheduler_config)
+    assert isinstance(karras, DPMSolverMultistepScheduler) and karras.config.use_karras_sigmas
+    sde = make_scheduler("dpm++ sde karras", load_base("tiny:sd15").scheduler_config, seed=5)
+    assert isinstance(sde, DPMSolverSDEScheduler)
+    assert (sde.config.use_karras_sigmas, sde.config.noise_sampler_seed) == (True, 5)
     config = load_base("tiny:sd15").scheduler_config
     euler_a = make_scheduler("euler_a", config)
     assert isinstance(euler_a, EulerAncestralDiscreteScheduler)
@@ -212,7 +223,7 @@ def test_parameters_text_matches_a1111_format(sd15):
         "a photo of sks\n"
         "Negative prompt: lowres, bad hands\n"
         f"Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 64x64, Model hash: 0123456789, "
-        f"Model: tiny, Version: loracord {VERSION}"
+        f"Model: tiny, RNG: CPU, Version: loracord {VERSION}"
     )
 
 
@@ -227,7 +238,7 @@ def test_parameters_text_optional_fields_and_quoting():
     assert text == (
         "a photo of sks\n"
         "Steps: 30, Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale: 7, Seed: 9, Size: 512x768, "
-        'Model hash: abcdef0123, Model: "tiny:sd15", Clip skip: 2, Lora hashes: "sks: 0123456789ab", '
+        'Model hash: abcdef0123, Model: "tiny:sd15", Clip skip: 2, RNG: CPU, Lora hashes: "sks: 0123456789ab", '
         f"Version: loracord {VERSION}"
     )
     with pytest.raises(ValueError, match="no seed"):
