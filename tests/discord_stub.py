@@ -562,6 +562,7 @@ class _Session:
     sent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     invalid: bool = False
+    dropped: bool = False  # closed by the stub, so resumable whatever code the client answers
 
     async def send(self, payload: dict) -> None:
         if self.ws is not None and not self.ws.closed:
@@ -719,7 +720,9 @@ class DiscordStub:
                     result = predicate()
                     if result:
                         return result
-                    await changed.wait()
+                    # Re-checked on a short beat too: predicates may read the bot's state as well.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), 0.05)
         except TimeoutError:
             raise TimeoutError(f"stub: no {what} within {timeout:g} s") from None
 
@@ -734,9 +737,9 @@ class DiscordStub:
         now = self.clock.now()
         for ix in self.interactions.values():
             age = now - ix.created_at
-            if not ix.callbacks and (final or age > self.limits.ack_seconds) and "no_ack" not in ix.flagged:
-                ix.flagged.add("no_ack")
-                self._violate("no_ack", f"{ix} was not acknowledged within {self.limits.ack_seconds:g} s")
+            if not ix.callbacks and (final or age > self.limits.ack_seconds) and "late_ack" not in ix.flagged:
+                ix.flagged.add("late_ack")
+                self._violate("late_ack", f"{ix} was not acknowledged within {self.limits.ack_seconds:g} s")
             thinking = ix.original is not None and ix.original.loading
             if thinking and (final or age > self.limits.token_seconds) and "thinking" not in ix.flagged:
                 ix.flagged.add("thinking")
@@ -879,24 +882,29 @@ class DiscordStub:
     async def submit_modal(
         self, user: StubUser, opened_by: StubInteraction, values: Mapping[str, Any]
     ) -> StubInteraction:
-        """A member fills in the modal the bot answered ``opened_by`` with: text inputs take str,
-        selects a list of values, file uploads a list of :class:`Upload`."""
+        """A member fills in the modal the bot answered ``opened_by`` with, ``values`` keyed by
+        custom_id or label: text inputs take str, selects a list of values, file uploads a list of
+        :class:`Upload`. Raises what the Discord app would refuse (length, required)."""
         modal = await opened_by.modal()
         if user is not opened_by.user:
             raise PermissionError(f"only {opened_by.user.name} sees the modal of {opened_by}")
         resolved: dict[str, dict] = {}
+        unused = dict(values)
 
-        def submitted(c: dict) -> dict:
+        def submitted(c: dict, label: str | None) -> dict:
             custom_id, kind = c.get("custom_id"), c["type"]
+            key = custom_id if custom_id in values else label
+            given = unused.pop(key, None)
             if kind == _CT.text_input.value:
-                value = str(values.get(custom_id, c.get("value") or ""))
-                low, high = c.get("min_length", 0), c.get("max_length", 4000)
-                if (value or c.get("required", True)) and not low <= len(value) <= high:
+                value = str(given if given is not None else c.get("value") or "")
+                required = c.get("required", True)
+                low, high = max(c.get("min_length", 0), 1 if required else 0), c.get("max_length", 4000)
+                if (value or required) and not low <= len(value) <= high:
                     raise ValueError(
                         f"text input {custom_id!r} takes {low}–{high} characters, got {len(value)}"
                     )
                 return {"type": kind, "custom_id": custom_id, "value": value}
-            chosen = list(values.get(custom_id, []))
+            chosen = list(given or [])
             if kind == FILE_UPLOAD:
                 files = [self._store_file(opened_by.channel_id, upload) for upload in chosen]
                 resolved.setdefault("attachments", {}).update({str(f.id): f.json() for f in files})
@@ -908,11 +916,12 @@ class DiscordStub:
         components = []
         for top in modal.get("components", []):
             if top["type"] == _CT.action_row.value:
-                components.append(
-                    {"type": top["type"], "components": [submitted(c) for c in top["components"]]}
-                )
+                inner = [submitted(c, c.get("label")) for c in top["components"]]
+                components.append({"type": top["type"], "components": inner})
             elif top["type"] == LABEL:
-                components.append({"type": LABEL, "component": submitted(top["component"])})
+                components.append({"type": LABEL, "component": submitted(top["component"], top.get("label"))})
+        if unused:
+            raise ValueError(f"the modal has no input(s) {sorted(unused)}")
         data = {"custom_id": modal["custom_id"], "components": components, "resolved": resolved}
         ix = await self._interact(
             _IT.modal_submit, user, opened_by.channel_id, data, message=opened_by.message
@@ -937,6 +946,7 @@ class DiscordStub:
         """Closes the bot's gateway connection as Discord does on a hiccup; the session stays resumable."""
         for session in self._sessions:
             if session.ws is not None and not session.invalid:
+                session.dropped = True
                 self._spawn(session.ws.close(code=4000, message=b"stub: connection dropped"))
 
     def _usable_component(
@@ -1213,7 +1223,8 @@ class DiscordStub:
                 await session.dispatch("GUILD_MEMBERS_CHUNK", chunk)
         if session is not None and session.ws is ws:
             session.ws = None
-            session.invalid = ws.close_code in (1000, 1001)  # a clean close ends the session
+            # A client's clean close ends the session.
+            session.invalid = not session.dropped and ws.close_code in (1000, 1001)
         return ws
 
     async def _identify(self, ws: web.WebSocketResponse, data: dict) -> _Session | None:
@@ -1254,7 +1265,7 @@ class DiscordStub:
             await ws.send_str(json.dumps({"op": 9, "d": False}))
             return None
         self.resumes += 1
-        session.ws = ws
+        session.ws, session.dropped = ws, False
         for payload in list(session.sent):
             if payload["s"] > (data.get("seq") or 0):
                 await session.send(payload)
@@ -1837,10 +1848,11 @@ class DiscordStub:
             raise _Refused(400, 40060, "Interaction has already been acknowledged.")
         late = self.clock.now() - ix.created_at
         if late > self.limits.ack_seconds:
-            ix.flagged.add("no_ack")
-            self._violate(
-                "late_ack", f"{ix} acknowledged after {late:.1f} s (limit {self.limits.ack_seconds:g} s)"
-            )
+            if "late_ack" not in ix.flagged:
+                ix.flagged.add("late_ack")
+                self._violate(
+                    "late_ack", f"{ix} acknowledged after {late:.1f} s (limit {self.limits.ack_seconds:g} s)"
+                )
             raise _unknown("interaction", 10062)
         payload, uploads = await self._body(request)
         kind, data = payload.get("type"), payload.get("data")
