@@ -885,7 +885,9 @@ class DiscordStub:
             "type": message.type,
             "flags": message.flags,
         }
-        if message.author is not self.bot:
+        if self.channels.get(message.channel_id, {}).get("type") == _CH.private.value:
+            del payload["guild_id"]  # a DM
+        elif message.author is not self.bot:
             payload["member"] = {k: v for k, v in self._member_json(message.author).items() if k != "user"}
         if message.interaction is not None:
             ix = message.interaction

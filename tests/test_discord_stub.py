@@ -468,6 +468,10 @@ async def test_member_messages_threads_and_attachment_downloads():
         assert seen == [("images", [b"A", b"B"])] and reply[0].content == "got 2"
         assert not stub.channels[thread.id]["thread_metadata"]["archived"]  # posting reopened it
         assert bot.get_channel(thread.id) is not None  # THREAD_CREATE reached the cache
+        dm = await (await bot.fetch_user(alice.id)).send("your LoRA is ready")
+        assert (
+            stub.channels[dm.channel.id]["type"] == 1 and stub.messages[dm.id].content == "your LoRA is ready"
+        )
     assert stub.violations == []
 
 
