@@ -209,7 +209,6 @@ class StubInteraction:
     data: dict
     created_at: float
     message: StubMessage | None = None  # the message whose component was used
-    modal_source: StubInteraction | None = None  # for a modal submit: who opened the modal
     callbacks: list[StubCallback] = field(default_factory=list)
     original: StubMessage | None = None
     followups: list[StubMessage] = field(default_factory=list)
@@ -674,11 +673,9 @@ class DiscordStub:
         if unused:
             raise ValueError(f"the modal has no input(s) {sorted(unused)}")
         data = {"custom_id": modal["custom_id"], "components": components, "resolved": resolved}
-        ix = await self._interact(
+        return await self._interact(
             _IT.modal_submit, user, opened_by.channel_id, data, message=opened_by.message
         )
-        ix.modal_source = opened_by
-        return ix
 
     async def post_message(
         self, user: StubUser, channel_id: int, content: str = "", *, files: Sequence[Upload] = ()
