@@ -6,6 +6,7 @@ so the bot process itself never loads torch.
 
 from __future__ import annotations
 
+import os
 import sys
 
 RUNNER_COMMANDS = ("train", "dataset", "tag", "gen", "grid", "selftest")
@@ -13,7 +14,15 @@ OPS_COMMANDS = ("run", "jobs", "quota")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # `loracord … | head` closed the pipe: not worth a traceback. Python's documented recipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in RUNNER_COMMANDS:
         from runner.cli import main as runner_main
 
