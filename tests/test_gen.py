@@ -352,3 +352,20 @@ def test_lora_grid_and_cli_on_a_training_run(loras, cache, tmp_path):
     with Image.open(grid_png) as image:
         assert "Seed: " in image.info["parameters"]
     assert cli_main(["gen", "x", "--base", "tiny:sd15", "--lora", "nope:1", "--out", str(out)]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_cuda_generation_with_a_lora(tmp_path, family):
+    make_lora(tmp_path / "l.safetensors", family=family)
+    cache = PipelineCache("cuda")
+    assert cache.dtype in (torch.bfloat16, torch.float16)
+    with_lora = GenSpec.parse(
+        {"prompt": "<lora:l:0.8> a", "base": f"tiny:{family}", "lora_dir": str(tmp_path)}
+        | {"output_dir": str(tmp_path / "out"), "seed": 1, "steps": 4, "width": 64, "height": 64}
+    )
+    first, again = (pixels(gen_images(with_lora, cache)[0].image) for _ in range(2))
+    assert np.array_equal(first, again) and first.std() > 1
+    plain = pixels(gen_images(with_lora.model_copy(update={"prompt": "a"}), cache)[0].image)
+    assert not np.array_equal(plain, first)
+    assert cache.pipeline(f"tiny:{family}").base.unet.device.type == "cuda"
