@@ -242,8 +242,10 @@ def lora_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> t
 
 def save_lora(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, epoch: int, steps: int
-) -> None:
-    """Write a kohya-format LoRA with its save-time metadata; a crash never leaves half a file."""
+) -> dict[str, str]:
+    """Write a kohya-format LoRA with its save-time metadata; a crash never leaves half a file.
+
+    Returns the metadata as written (with its hashes)."""
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"metadata values must be strings: {bad}")
@@ -261,6 +263,7 @@ def save_lora(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return meta
 
 
 def _is_lora_key(key: str) -> bool:

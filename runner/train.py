@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -417,17 +417,17 @@ class Trainer:
         spec = self.spec
         path = self.out / f"{spec.output_name}-{epoch:06d}.safetensors"
         tensors = kohya_state_dict(self.base, DTYPES[spec.save_precision])
-        save_lora(path, tensors, self.metadata, epoch=epoch, steps=step)
+        written = save_lora(path, tensors, self.metadata, epoch=epoch, steps=step)
         self._save_state(epoch, step)
         every = spec.save_every_n_epochs if spec.sample_every_n_epochs is None else spec.sample_every_n_epochs
         images, prompts = [], []
         if every and (epoch % every == 0 or epoch == self.num_epochs):
-            images, prompts = self._samples(epoch)
+            images, prompts = self._samples(epoch, written["sshs_model_hash"][:12])
         return EpochEvent(
             epoch=epoch, step=step, lora_file=str(path), sample_images=images, sample_prompts=prompts
         )
 
-    def _samples(self, epoch: int) -> tuple[list[str], list[str]]:
+    def _samples(self, epoch: int, lora_hash: str) -> tuple[list[str], list[str]]:
         spec = self.spec
         if self.sampler is None:
             self.sampler = Sampler(
@@ -448,8 +448,10 @@ class Trainer:
                 )
             )
             path = sample_dir / f"{name}-{i:02d}.png"
+            # Written as A1111 would describe it, so the preview can be reproduced from its PNG alone.
+            described = replace(sp, prompt=f"{sp.prompt} <lora:{name}:1>")
             text = self.sampler.parameters_text(
-                sp, self.base.name, self.base.model_hash, extra={"Lora": name}
+                described, self.base.name, self.base.model_hash, extra={"Lora hashes": f"{name}: {lora_hash}"}
             )
             save_png(self.sampler.render(sp), path, text)
             paths.append(str(path))

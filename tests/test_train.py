@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -75,6 +76,14 @@ def test_files_events_and_samples_per_epoch(tmp_path, data):
     for e in epochs:
         assert e.sample_images and all(Path(p).exists() for p in e.sample_images)
         assert "sks" in e.sample_prompts[0]
+        with safe_open(e.lora_file, "pt") as f:
+            lora_hash = f.metadata()["sshs_model_hash"][:12]
+        name = Path(e.lora_file).stem
+        text = Image.open(e.sample_images[0]).info["parameters"]
+        assert (
+            f"<lora:{name}:1>" in text.splitlines()[0]
+        )  # reproducible from the PNG alone, as A1111 reads it
+        assert f'Lora hashes: "{name}: {lora_hash}"' in text
     progress = [e for e in events if isinstance(e, ProgressEvent)]
     assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(p.total_steps == 8 and p.eta_s >= 0 and math.isfinite(p.loss) for p in progress)
