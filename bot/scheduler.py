@@ -116,10 +116,11 @@ class Scheduler:
                 started = time.perf_counter()
 
     def _worker_for(self, job: store.Job, training: dict[str, int]) -> str | None:
-        free = [w for w, s in self.slots.items() if s.main is None and not s.between]
+        up = {w: s for w, s in self.slots.items() if self.dispatcher.ready(w)}
+        free = [w for w, s in up.items() if s.main is None and not s.between]
         if job.kind != "train":
             # An idle worker, else one that trains and is not already serving a short job.
-            busy = [w for w, s in self.slots.items() if s.training and not s.between]
+            busy = [w for w, s in up.items() if s.training and not s.between]
             return (free or busy or [None])[0]
         limit = jobs.effective_quota(self.db, self.cfg, job.owner).concurrent_jobs
         if not free or training.get(job.owner, 0) >= limit:

@@ -25,7 +25,7 @@ class WorkerEvent:
 
 @dataclass
 class WorkerDied:
-    """A worker stopped on its own; the dispatcher is already starting a fresh one."""
+    """A worker stopped on its own; the dispatcher starts a fresh one and says `ready` again then."""
 
     worker: str
     reason: str
@@ -38,6 +38,9 @@ class Dispatcher(Protocol):
     workers: list[str]
 
     async def start(self, inbox: asyncio.Queue[Message]) -> None: ...
+
+    def ready(self, worker: str) -> bool:
+        """Whether the worker can take a job now (False while a dead one is being replaced)."""
 
     async def send(self, worker: str, job_id: int, kind: str, spec: dict[str, Any]) -> None: ...
 
