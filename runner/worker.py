@@ -126,6 +126,14 @@ class Worker:
         return train(spec, emit, self.cancel_event, self.device)
 
 
+def _run_after(
+    previous: threading.Thread | None, worker: Worker, job: dict[str, Any], emit: Callable[[Any], None]
+) -> None:
+    if previous is not None:
+        previous.join()
+    worker.run(job, emit)
+
+
 def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
     worker = Worker(device)
     lock = threading.Lock()
@@ -164,16 +172,17 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
             worker.cancel(msg.get("id"))
             continue
         short = msg.get("type") != "train"
-        if job_thread and job_thread.is_alive() and not (short and worker.training):
-            emit_for(msg.get("id"))(
-                FailedEvent(kind="bad_input", reason="this worker is busy with another job")
-            )
-            continue
+        between = short and worker.training and job_thread is not None and job_thread.is_alive()
+        # A job that arrives while another runs waits for it (its final event may be out while its
+        # thread is still returning); a short one on a training worker goes between steps instead.
+        previous = None if between or not job_thread or not job_thread.is_alive() else job_thread
         # The job runs beside the stdin loop so that a cancel line is read while it trains.
-        thread = threading.Thread(target=worker.run, args=(msg, emit_for(msg.get("id"))), daemon=True)
+        thread = threading.Thread(
+            target=_run_after, args=(previous, worker, msg, emit_for(msg.get("id"))), daemon=True
+        )
         thread.start()
         threads = [t for t in threads if t.is_alive()] + [thread]
-        if not (job_thread and job_thread.is_alive()):
+        if not between:
             job_thread = thread
     for thread in threads:
         thread.join()
