@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from ldm_keys import base_to_ldm
 from safetensors.torch import save_file
 
+from runner.ldm_keys import base_to_ldm, save_pipeline
 from runner.models import Base, ModelError, _file_hashes, clip_tokenizer, load_base
 
 FAMILIES = ["sd15", "sdxl"]
@@ -33,20 +32,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     yield
     assert attempts == []
-
-
-def save_pipeline(base: Base, folder: Path) -> Path:
-    parts = dict(vae=base.vae, unet=base.unet, scheduler=base.noise_scheduler())
-    parts |= dict(text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0])
-    if base.family == "sdxl":
-        parts |= dict(text_encoder_2=base.text_encoders[1], tokenizer_2=base.tokenizers[1])
-        pipe = StableDiffusionXLPipeline(**parts)
-    else:
-        pipe = StableDiffusionPipeline(
-            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    pipe.save_pretrained(folder)
-    return folder
 
 
 def modules(base: Base) -> list[torch.nn.Module]:

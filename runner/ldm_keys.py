@@ -1,18 +1,20 @@
-"""Test-only: write a diffusers model in the original (LDM) single-file layout A1111 and Civitai ship.
+"""A Base written out as other tools load it: a diffusers folder, or the original (LDM) single-file
+layout A1111 and Civitai ship.
 
 diffusers only converts LDM → diffusers (``convert_ldm_*_checkpoint`` in
-``diffusers/loaders/single_file_utils.py``); this is the inverse of those functions, enough for the
-tiny models, so tests can build single-file checkpoints without downloading one.
+``diffusers/loaders/single_file_utils.py``); :func:`base_to_ldm` is the inverse of those functions, so
+tests and benchmarks can build single-file checkpoints without downloading one.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from runner.models import Base
+from .models import Base, _no_safety_checker, _pipeline_class
 
 _RESNET = (
     ("norm1", "in_layers.0"),
@@ -129,3 +131,13 @@ def base_to_ldm(base: Base) -> dict[str, Tensor]:
         sd |= clip_to_ldm(te[0], "conditioner.embedders.0.transformer.")
         sd |= open_clip_to_ldm(te[1], "conditioner.embedders.1.model.")
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def save_pipeline(base: Base, folder: Path) -> Path:
+    """``base`` as a diffusers folder (``model_index.json`` and one subfolder a part)."""
+    parts = dict(vae=base.vae, unet=base.unet, scheduler=base.noise_scheduler())
+    parts |= dict(text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0])
+    if base.family == "sdxl":
+        parts |= dict(text_encoder_2=base.text_encoders[1], tokenizer_2=base.tokenizers[1])
+    _pipeline_class(base.family)(**parts, **_no_safety_checker(base.family)).save_pretrained(folder)
+    return folder
