@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 from . import Message, WorkerDied, WorkerEvent, event_of
 
 log = logging.getLogger(__name__)
+_ERROR_LINE = re.compile(r"error|exception|out of memory|killed", re.IGNORECASE)
 
 
 def _die_with_parent() -> None:
@@ -40,9 +42,11 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
     else:
         why = f"exited with code {returncode}"
     try:
-        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        lines = log_path.read_text(errors="replace").splitlines()[-50:]
     except OSError:
-        tail = []
+        lines = []
+    # The log's last error says why (CUDA error, out of memory); library warnings do not.
+    tail = [line for line in lines if _ERROR_LINE.search(line)][-1:]
     return why + (f" ({tail[0][-300:]})" if tail else "")
 
 
