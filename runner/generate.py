@@ -33,6 +33,7 @@ from diffusers import (
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FluxPipeline,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
@@ -44,6 +45,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .flux import flux_pipeline, t5_length
 from .grid import Grid, image_grid
 from .infotext import format_parameters, lora_tag, split_lora_tags
 from .lora_io import LoraFileError
@@ -154,6 +156,7 @@ class SamplePrompt:
     cfg_scale: float = 7.5
     steps: int = 30
     sampler: str | None = None  # None: DEFAULT_SAMPLER
+    guidance: float = 3.5  # Flux dev's distilled guidance (kohya's --g); SD ignores it
 
     def seeded(self) -> SamplePrompt:
         """This prompt with its seed fixed, drawing one if unset, so it can be rendered and recorded."""
@@ -178,14 +181,15 @@ def _side(option: str, value: str) -> int:
 
 
 def parse_sample_prompt(
-    line: str, *, width: int, height: int, steps: int, sampler: str, seed: int
+    line: str, *, width: int, height: int, steps: int, sampler: str, seed: int, cfg_scale: float = 7.5
 ) -> SamplePrompt:
     """One line of kohya's sample-prompt syntax; the keyword arguments fill the options it leaves out.
 
     Options follow the prompt, each after `` --``: ``--n`` negative prompt, ``--w``/``--h`` size
-    (rounded down to a multiple of 8), ``--d`` seed, ``--l`` CFG scale, ``--s`` steps (clamped to
-    1-1000 as kohya does), ``--ss`` sampler. Option letters are case-insensitive. Anything else
-    raises ValueError with a message meant for the member who wrote the line.
+    (rounded down to a multiple of 8), ``--d`` seed, ``--l`` CFG scale, ``--g`` Flux guidance,
+    ``--s`` steps (clamped to 1-1000 as kohya does), ``--ss`` sampler. Option letters are
+    case-insensitive. Anything else raises ValueError with a message meant for the member who wrote
+    the line.
     """
     # The leading space lets a line of options alone (``--n lowres``) read as an empty prompt.
     prompt, *options = f" {line.strip()}".split(" --")
@@ -196,6 +200,7 @@ def parse_sample_prompt(
         seed=seed,
         steps=steps,
         sampler=resolve_sampler(sampler),
+        cfg_scale=cfg_scale,
     )
     try:
         for option in options:
@@ -211,12 +216,14 @@ def parse_sample_prompt(
                 sp.seed = _number(key, value, int)
             elif key == "l":
                 sp.cfg_scale = _number(key, value, float)
+            elif key == "g":
+                sp.guidance = _number(key, value, float)
             elif key == "s":
                 sp.steps = max(1, min(1000, _number(key, value, int)))
             elif key == "ss":
                 sp.sampler = resolve_sampler(value)
             elif key:
-                raise ValueError(f"unknown option --{key} (use --n, --w, --h, --d, --l, --s, --ss)")
+                raise ValueError(f"unknown option --{key} (use --n, --w, --h, --d, --l, --g, --s, --ss)")
     except ValueError as e:
         raise ValueError(f"sample prompt '{line.strip()}': {e}") from None
     return sp
@@ -281,8 +288,11 @@ class Sampler:
         self.weighted = weighted
         scheduler = make_scheduler(DEFAULT_SAMPLER, base.scheduler_config)
         te, tok = base.text_encoders, base.tokenizers
-        if base.family == "sd15":
-            self.pipe: StableDiffusionPipeline | StableDiffusionXLPipeline = StableDiffusionPipeline(
+        self.pipe: StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
+        if base.family == "flux":
+            self.pipe = flux_pipeline(base)
+        elif base.family == "sd15":
+            self.pipe = StableDiffusionPipeline(
                 vae=base.vae,
                 text_encoder=te[0],
                 tokenizer=tok[0],
@@ -316,25 +326,58 @@ class Sampler:
         """
         sp = sp.seeded()
         base = self.base
-        self.pipe.scheduler = make_scheduler(sp.sampler or DEFAULT_SAMPLER, base.scheduler_config, sp.seed)
         generator = torch.Generator("cpu").manual_seed(sp.seed)
-        scale = base.vae_scale_factor
-        shape = (1, base.unet.config.in_channels, sp.height // scale, sp.width // scale)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         modules = [base.unet, base.vae, *base.text_encoders]
         with torch.no_grad(), _sampling_mode(modules, self.device):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                latents = self.pipe(
-                    **self._embeds(sp),
-                    width=sp.width,
-                    height=sp.height,
-                    num_inference_steps=sp.steps,
-                    guidance_scale=sp.cfg_scale,
-                    generator=generator,
-                    latents=noise.to(self.device, base.unet.dtype),
-                    output_type="latent",
-                ).images
+                if base.family == "flux":
+                    latents = self._flux_latents(sp, generator)
+                else:
+                    latents = self._sd_latents(sp, generator)
             return self._decode(latents)
+
+    def _sd_latents(self, sp: SamplePrompt, generator: torch.Generator) -> torch.Tensor:
+        base = self.base
+        self.pipe.scheduler = make_scheduler(sp.sampler or DEFAULT_SAMPLER, base.scheduler_config, sp.seed)
+        scale = base.vae_scale_factor
+        shape = (1, base.unet.config.in_channels, sp.height // scale, sp.width // scale)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return self.pipe(
+            **self._embeds(sp),
+            width=sp.width,
+            height=sp.height,
+            num_inference_steps=sp.steps,
+            guidance_scale=sp.cfg_scale,
+            generator=generator,
+            latents=noise.to(self.device, base.unet.dtype),
+            output_type="latent",
+        ).images
+
+    def _flux_latents(self, sp: SamplePrompt, generator: torch.Generator) -> torch.Tensor:
+        # FluxPipeline's flow-matching Euler with FLUX.1's size-dependent shift; true CFG (two passes)
+        # only for a CFG scale above 1 with a negative prompt, as Forge does.
+        base, pipe = self.base, self.pipe
+        scale = base.vae_scale_factor
+        # Latents are packed in 2x2 patches: sides go down to a multiple of twice the VAE's factor.
+        width, height = (side // (2 * scale) * 2 * scale for side in (sp.width, sp.height))
+        channels = base.unet.config.in_channels // 4
+        noise = torch.randn((1, channels, height // scale, width // scale), generator=generator)
+        packed = pipe._pack_latents(noise, 1, channels, height // scale, width // scale)
+        true_cfg = sp.cfg_scale > 1 and bool(sp.negative)
+        latents = pipe(
+            prompt=sp.prompt,
+            negative_prompt=sp.negative if true_cfg else None,
+            true_cfg_scale=sp.cfg_scale,
+            guidance_scale=sp.guidance,
+            width=width,
+            height=height,
+            num_inference_steps=sp.steps,
+            generator=generator,
+            latents=packed.to(self.device, base.unet.dtype),
+            max_sequence_length=t5_length(base),
+            output_type="latent",
+        ).images
+        return pipe._unpack_latents(latents, height, width, scale)
 
     def _embeds(self, sp: SamplePrompt) -> dict[str, torch.Tensor]:
         # Prompt and negative are encoded together so they get the same number of 77-token chunks.
@@ -356,7 +399,10 @@ class Sampler:
         # Decoded here, not by the pipeline: the pipelines hand the VAE latents in the UNet's dtype,
         # which fails when the VAE is kept in fp32 while the UNet runs in fp16/bf16.
         vae = self.base.vae
-        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        if vae.config.get("shift_factor") is not None:  # Flux's VAE centres its latents
+            latents = latents + vae.config.shift_factor
+        image = vae.decode(latents).sample
         return self.pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
     def parameters_text(
@@ -366,11 +412,16 @@ class Sampler:
         if sp.seed is None:
             raise ValueError("the prompt has no seed: render sp.seeded() and describe that")
         sampler = SAMPLERS[resolve_sampler(sp.sampler or DEFAULT_SAMPLER)]
+        flux = self.base.family == "flux"
         fields: dict[str, Any] = {
             "Steps": sp.steps,
-            "Sampler": sampler.display,
-            "Schedule type": sampler.schedule_type,
+            # Flux samples with flow-matching Euler; Forge writes it as Euler with the Simple schedule.
+            "Sampler": "Euler" if flux else sampler.display,
+            "Schedule type": "Simple" if flux else sampler.schedule_type,
             "CFG scale": f"{sp.cfg_scale:g}",
+            "Distilled CFG Scale": f"{sp.guidance:g}"
+            if flux and self.base.unet.config.guidance_embeds
+            else None,
             "Seed": sp.seed,
             "Size": f"{sp.width}x{sp.height}",
             "Model hash": model_hash,
@@ -415,12 +466,14 @@ def size_limits(base: Base) -> tuple[int, int]:
 
 def _size(spec: GenSpec, base: Base) -> tuple[int, int]:
     lo, hi = size_limits(base)
+    # Flux packs 2x2 latent patches: sides divide by twice the VAE's factor (16 for FLUX.1).
+    step = 2 * base.vae_scale_factor if base.family == "flux" else 8
     width, height = spec.width or base.native_resolution, spec.height or base.native_resolution
     for what, side in (("width", width), ("height", height)):
-        if not lo <= side <= hi:
+        if not lo <= side <= hi or side % step:
             raise SpecError(
                 f"{what} {side} does not suit {base.name} ({FAMILY_NAMES[base.family]}): "
-                f"use {lo}-{hi}, a multiple of 8"
+                f"use {lo}-{hi}, a multiple of {step}"
             )
     return width, height
 
@@ -458,6 +511,8 @@ def gen_images(spec: GenSpec, cache: PipelineCache, cancel: threading.Event | No
     )
     seed = random.randrange(2**32) if spec.seed is None else spec.seed
     warm.sampler.clip_skip = spec.clip_skip
+    # Flux dev is guidance-distilled: true CFG (cfg_scale above 1, twice the work) only when asked.
+    cfg_scale = spec.cfg_scale if base.family != "flux" or "cfg_scale" in spec.model_fields_set else 1.0
     out = []
     for i in range(spec.count):
         if cancel is not None and cancel.is_set():
@@ -468,9 +523,10 @@ def gen_images(spec: GenSpec, cache: PipelineCache, cancel: threading.Event | No
             width=width,
             height=height,
             seed=(seed + i) % 2**32,
-            cfg_scale=spec.cfg_scale,
+            cfg_scale=cfg_scale,
             steps=spec.steps,
             sampler=resolve_sampler(spec.sampler),
+            guidance=spec.guidance_scale,
         )
         text = warm.sampler.parameters_text(
             replace(sp, prompt=shown_prompt),

@@ -93,6 +93,7 @@ class Infotext:
             ("CFG scale", "cfg_scale", float),
             ("Seed", "seed", int),
             ("Clip skip", "clip_skip", int),
+            ("Distilled CFG Scale", "guidance_scale", float),  # Forge's name for Flux guidance
         ):
             if key in f:
                 settings[name] = cast(f[key])

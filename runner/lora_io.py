@@ -2,6 +2,7 @@
 Civitai and kohya's own tools read.
 
 Keys are ``lora_unet_<module>`` / ``lora_te_<module>`` (SD1.5) / ``lora_te1_``/``lora_te2_`` (SDXL),
+Flux: ``lora_unet_`` with BFL's module names (``runner/flux_keys.py``) and ``lora_te1_`` (CLIP-L);
 each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (the real alpha). Hashes follow
 kohya's ``train_util.precalculate_safetensors_hashes``.
 """
@@ -24,6 +25,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .flux_keys import KohyaModule, fuse
 from .models import Base
 from .network import block_lr_weights, lora_modules
 from .spec import Family, TrainSpec
@@ -67,15 +69,27 @@ def kohya_name(component: str, module: str, family: Family) -> str:
     return f"{_kohya_prefix(component, family)}.{module}".replace(".", "_")
 
 
+def kohya_modules(base: Base) -> list[KohyaModule]:
+    """The live LoRA layers under their kohya names; Flux's q/k/v (and linear1) fused as kohya's."""
+    modules = lora_modules(base)
+    fused = []
+    if base.family == "flux":
+        fused = list(fuse(m for m in modules if m.component == "unet"))
+        modules = [m for m in modules if m.component != "unet"]
+    return fused + [
+        KohyaModule(kohya_name(m.component, m.name, base.family), m.down.detach(), m.up.detach(), m.alpha)
+        for m in modules
+    ]
+
+
 def kohya_state_dict(base: Base, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The live LoRA layers as a kohya state dict, on the CPU in ``dtype``."""
     tensors: dict[str, torch.Tensor] = {}
-    for m in lora_modules(base):
-        key = kohya_name(m.component, m.name, base.family)
-        tensors[f"{key}.lora_down.weight"] = m.down.detach().to("cpu", dtype).contiguous()
-        tensors[f"{key}.lora_up.weight"] = m.up.detach().to("cpu", dtype).contiguous()
+    for m in kohya_modules(base):
+        tensors[f"{m.key}.lora_down.weight"] = m.down.to("cpu", dtype).contiguous()
+        tensors[f"{m.key}.lora_up.weight"] = m.up.to("cpu", dtype).contiguous()
         # kohya stores alpha in the save dtype too.
-        tensors[f"{key}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+        tensors[f"{m.key}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
     return tensors
 
 
@@ -119,6 +133,25 @@ def _network_args(spec: TrainSpec, family: Family) -> dict[str, str]:
     return args
 
 
+_BASE_VERSION: dict[Family, str] = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+
+
+def _flux_metadata(spec: TrainSpec) -> dict[str, Any]:
+    # What kohya's flux_train_network.update_metadata adds, and the SD settings Flux does not use.
+    return {
+        "ss_model_type": "flux",
+        "ss_apply_t5_attn_mask": False,
+        "ss_weighting_scheme": "uniform",
+        "ss_guidance_scale": spec.guidance_scale,
+        "ss_timestep_sampling": spec.timestep_sampling,
+        "ss_sigmoid_scale": spec.sigmoid_scale,
+        "ss_model_prediction_type": spec.model_prediction_type,
+        "ss_discrete_flow_shift": spec.discrete_flow_shift,
+        "ss_max_token_length": None,
+        "ss_fp8_base": spec.fp8_base,
+    }
+
+
 def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict[str, str]:
     """kohya's ``ss_*`` metadata as train_network.py writes it at the start of training."""
     meta: dict[str, Any] = {
@@ -144,7 +177,7 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         "ss_mixed_precision": spec.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": False,
-        "ss_base_model_version": "sd_v1" if base.family == "sd15" else "sdxl_base_v1-0",
+        "ss_base_model_version": _BASE_VERSION[base.family],
         "ss_clip_skip": spec.clip_skip,
         "ss_max_token_length": spec.max_token_length,
         "ss_cache_latents": spec.cache_latents,
@@ -180,6 +213,8 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_bucket_info": json.dumps(facts.bucket_info),
     }
+    if base.family == "flux":
+        meta.update(_flux_metadata(spec))
     network_args = _network_args(spec, base.family)
     if network_args:
         meta["ss_network_args"] = json.dumps(network_args)
@@ -192,22 +227,28 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
 
 def _modelspec(meta: dict[str, str], timestamp: float) -> dict[str, str]:
     """The ``modelspec.*`` keys kohya's sai_model_spec.build_metadata writes for a LoRA."""
-    sdxl = meta.get("ss_base_model_version", "").startswith("sdxl")
+    version_tag = meta.get("ss_base_model_version", "")
+    sdxl, flux = version_tag.startswith("sdxl"), version_tag.startswith("flux")
     sizes = [int(n) for n in re.findall(r"\d+", meta.get("ss_resolution", ""))]
-    width, height = (sizes * 2)[:2] if sizes else (1024, 1024) if sdxl else (512, 512)
-    arch = "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1"
+    width, height = (sizes * 2)[:2] if sizes else (1024, 1024) if sdxl or flux else (512, 512)
+    if flux:
+        # kohya tells dev from schnell by its arguments; a LoRA trained with guidance is for dev.
+        arch, impl = "flux-1-dev", "https://github.com/black-forest-labs/flux"
+    elif sdxl:
+        arch, impl = "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"
+    else:
+        arch, impl = "stable-diffusion-v1", "diffusers"
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if sdxl
-        else "diffusers",
+        "modelspec.implementation": impl,
         "modelspec.title": meta.get("ss_output_name") or f"LoRA@{timestamp}",
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
-        "modelspec.prediction_type": "epsilon",
         "modelspec.implementation_version": f"loracord/{version('loracord')}",
     }
+    if not flux:  # kohya writes no prediction type for Flux
+        spec["modelspec.prediction_type"] = "epsilon"
     if meta.get("ss_clip_skip", "None") != "None":
         spec["modelspec.encoder_layer"] = meta["ss_clip_skip"]
     return spec
@@ -293,14 +334,17 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def lora_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Family | None:
-    """The family ("sd15"/"sdxl") from the metadata, the cross-attention width or the text-encoder prefixes."""
+    """The family ("sd15"/"sdxl"/"flux") from the metadata, the cross-attention width, Flux's block
+    names or the text-encoder prefixes."""
     version_tag = metadata.get("ss_base_model_version", "")
     if version_tag.startswith("sdxl"):
         return "sdxl"
+    if version_tag.startswith("flux"):
+        return "flux"
     if version_tag:
         return "sd15" if version_tag.startswith("sd_v1") else None
-    if any("double_blocks" in k or "single_blocks" in k for k in tensors):
-        return None  # Flux
+    if any(re.search(r"(double|single)_blocks|single_transformer_blocks|add_q_proj", k) for k in tensors):
+        return "flux"
     for key, value in tensors.items():
         if re.search(r"attn2[._]to_k\.lora_down\.weight$", key) and value.shape[1] in (768, 1024, 2048):
             return {768: "sd15", 2048: "sdxl"}.get(value.shape[1])  # 1024: SD2

@@ -8,7 +8,7 @@ from pathlib import Path
 from .lora_io import addnet_hash_safetensors
 from .spec import SpecError
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux.1"}
 
 
 def find_lora(name: str, lora_dir: str | Path | None) -> Path:

@@ -1,10 +1,12 @@
 """Base checkpoints, named by one string, loaded without ever touching the network.
 
-- ``tiny:sd15`` / ``tiny:sdxl``: tiny random models built from configs, deterministic, for tests
+- ``tiny:sd15`` / ``tiny:sdxl`` / ``tiny:flux``: tiny random models built from configs, deterministic, for tests
   and ``loracord selftest``.
-- ``random:sd15`` / ``random:sdxl``: the full-size architectures with random weights (configs in
+- ``random:sd15`` / ``random:sdxl`` / ``random:flux``: the full-size architectures with random weights (configs in
   ``runner/configs``), for GPU benchmarks.
 - a single-file checkpoint (``.safetensors`` as A1111/Civitai ship them) or a diffusers folder.
+
+Flux bases are built in ``runner/flux_models.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .spec import Family
 
@@ -43,10 +52,12 @@ class Base:
 
     name: str
     family: Family
-    unet: UNet2DConditionModel
+    # The denoiser: a UNet, or Flux's transformer (kohya calls both "unet": lora_unet_…).
+    unet: UNet2DConditionModel | Any
     vae: AutoencoderKL
-    text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection]
-    tokenizers: list[CLIPTokenizer]
+    # CLIP encoders; Flux: CLIP-L and T5-XXL.
+    text_encoders: list[CLIPTextModel | CLIPTextModelWithProjection | PreTrainedModel]
+    tokenizers: list[CLIPTokenizer | PreTrainedTokenizerBase]
     scheduler_config: dict[str, Any]
     native_resolution: int
     model_hash: str = ""  # A1111's short hash: first 10 hex of the file's SHA-256
@@ -256,11 +267,16 @@ def _finish(base: Base, hash_source: bytes) -> Base:
 # ---- real checkpoints ----
 
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-_PIPELINES: dict[str, Family] = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+_PIPELINES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux",
+}
 
 
 def detect_family(path: Path) -> Family:
-    """SD1.5 or SDXL from a single-file checkpoint's keys; anything else is refused by name."""
+    """SD1.5, SDXL or Flux (its transformer alone) from a single-file checkpoint's keys; anything
+    else is refused by name."""
     from safetensors import safe_open
 
     try:
@@ -286,7 +302,7 @@ def detect_family(path: Path) -> Family:
             f"{path.name} looks like a Stable Diffusion 2.x checkpoint; only SD1.5 and SDXL are supported"
         )
     elif has("double_blocks.", "model.diffusion_model.double_blocks."):
-        raise ModelError(f"{path.name} looks like a Flux checkpoint; Flux is not supported yet")
+        return "flux"
     elif has("lora_", "lycoris_") or any(".lora_down." in k or ".lora_A." in k for k in keys):
         raise ModelError(f"{path.name} is a LoRA, not a base model; give a full SD1.5 or SDXL checkpoint")
     elif has("encoder.", "decoder.", "first_stage_model."):
@@ -368,9 +384,11 @@ def _folder_family(path: Path) -> Family:
     cls_name = index.get("_class_name", "?")
     if cls_name not in _PIPELINES:
         raise ModelError(
-            f"{path.name} is a {cls_name} diffusers model; only SD1.5 and SDXL text-to-image "
-            "models (StableDiffusionPipeline, StableDiffusionXLPipeline) are supported"
+            f"{path.name} is a {cls_name} diffusers model; only SD1.5, SDXL and Flux.1 text-to-image "
+            "models (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline) are supported"
         )
+    if _PIPELINES[cls_name] == "flux":
+        return "flux"
     unet = _read_config(path / "unet" / "config.json")
     if unet.get("cross_attention_dim") == 1024:
         raise ModelError(
@@ -424,21 +442,35 @@ def load_base(name: str, config_root: Path = CONFIGS) -> Base:
     """
     kind, _, arg = name.partition(":")
     if kind in ("tiny", "random") and arg:
-        if arg not in ("sd15", "sdxl"):
-            raise ModelError(f"unknown family '{arg}' in '{name}': use {kind}:sd15 or {kind}:sdxl")
+        if arg not in ("sd15", "sdxl", "flux"):
+            raise ModelError(
+                f"unknown family '{arg}' in '{name}': use {kind}:sd15, {kind}:sdxl or {kind}:flux"
+            )
+        if arg == "flux":
+            from .flux_models import random_flux, tiny_flux
+
+            return tiny_flux() if kind == "tiny" else random_flux()
         return _tiny(arg) if kind == "tiny" else _random(arg)  # type: ignore[arg-type]
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        if _folder_family(path) == "flux":
+            from .flux_models import flux_from_folder
+
+            return flux_from_folder(path)
         return _from_folder(path)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise ModelError(
                 f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code)"
             )
+        if detect_family(path) == "flux":
+            from .flux_models import flux_from_single_file
+
+            return flux_from_single_file(path)
         return _from_single_file(path, config_root)
     raise ModelError(
-        f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, "
-        "a .safetensors checkpoint or a diffusers folder"
+        f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, tiny:flux, "
+        "random:flux, a .safetensors checkpoint or a diffusers folder"
     )

@@ -16,6 +16,7 @@ import torch
 from diffusers import Transformer2DModel
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.upsampling import Upsample2D
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -30,6 +31,8 @@ ADAPTER = "default"
 _UNET_ATTN_PARENTS = (Transformer2DModel,)
 _UNET_CONV_PARENTS = (ResnetBlock2D, Downsample2D, Upsample2D)
 _TE_PARENTS = (CLIPAttention, CLIPMLP)
+# kohya's FLUX_TARGET_REPLACE_MODULE_DOUBLE/_SINGLE: every Linear of the double and single blocks.
+_FLUX_PARENTS = (FluxTransformerBlock, FluxSingleTransformerBlock)
 
 # kohya numbers a full UNet's blocks IN00..IN11 / OUT00..OUT11 (SD1.5) and IN00..IN08 / OUT00..OUT08 (SDXL).
 BLOCKS_PER_SIDE: dict[Family, int] = {"sd15": 12, "sdxl": 9}
@@ -134,6 +137,16 @@ def _is_pointwise(module: torch.nn.Module) -> bool:
     )
 
 
+def _flux_targets(transformer: torch.nn.Module, spec: TrainSpec) -> list[Target]:
+    return [
+        Target(f"{parent_name}.{child_name}", spec.network_dim, spec.network_alpha)
+        for parent_name, parent in transformer.named_modules()
+        if isinstance(parent, _FLUX_PARENTS)
+        for child_name, child in parent.named_modules()
+        if isinstance(child, torch.nn.Linear)
+    ]
+
+
 def _unet_targets(unet: torch.nn.Module, spec: TrainSpec, weights: dict[str, float] | None) -> list[Target]:
     lpb = int(unet.config.layers_per_block)
     parents = _UNET_ATTN_PARENTS + (_UNET_CONV_PARENTS if spec.conv_dim else ())
@@ -191,14 +204,18 @@ def add_lora(base: Base, spec: TrainSpec) -> None:
     """Add a LoRA adapter to the UNet and/or the text encoders, as the spec asks.
 
     Components the spec does not train, and UNet blocks weighted 0, get no LoRA at all (as in kohya).
+    Flux trains its transformer and CLIP-L; T5-XXL stays frozen (kohya's default).
     """
-    weights = block_lr_weights(spec, base.family)
+    flux = base.family == "flux"
     if spec.train_unet:
-        targets = _unet_targets(base.unet, spec, weights)
+        if flux:
+            targets = _flux_targets(base.unet, spec)
+        else:
+            targets = _unet_targets(base.unet, spec, block_lr_weights(spec, base.family))
         if targets:
             base.unet.add_adapter(_lora_config(targets, spec), adapter_name=ADAPTER)
     if spec.train_text_encoder:
-        for te in base.text_encoders:
+        for te in base.text_encoders[:1] if flux else base.text_encoders:
             # transformers' own add_adapter refuses peft < 0.22 (none released yet); this is the call it makes.
             inject_adapter_in_model(_lora_config(_te_targets(te, spec), spec), te, adapter_name=ADAPTER)
 
@@ -233,11 +250,12 @@ def param_groups(base: Base, spec: TrainSpec) -> list[dict]:
     learning rate is 0 is left out and its parameters frozen.
     """
     weights = block_lr_weights(spec, base.family)
-    lpb = int(base.unet.config.layers_per_block)
     groups: dict[str, dict] = {}
     for m in lora_modules(base):
         if m.component == "unet":
-            block = unet_block(m.name, lpb) if weights is not None else None
+            block = (
+                unet_block(m.name, int(base.unet.config.layers_per_block)) if weights is not None else None
+            )
             name = "unet" if block is None else f"unet_{block}"
             lr = spec.effective_unet_lr * _block_weight(weights, block)
         else:

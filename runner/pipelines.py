@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from .flux_keys import diffusers_state_dict
 from .generate import Sampler
 from .lora_io import LoraFileError, lora_family, read_lora
 from .loras import FAMILY_NAMES, lora_short_hash
@@ -163,6 +164,9 @@ class PipelineCache:
         adapter = f"lora{warm.next_id}"
         warm.next_id += 1
         try:
+            if base.family == "flux":
+                # kohya's Flux keys split for this model's sizes (diffusers' converter assumes FLUX.1's).
+                tensors = diffusers_state_dict(tensors, base.unet, base.text_encoders[0])
             with _quiet_transformers():
                 warm.sampler.pipe.load_lora_weights(tensors, adapter_name=adapter)
         except Exception as e:  # diffusers/peft raise many types for keys or shapes that do not fit

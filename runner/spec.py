@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "flux"]
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -197,6 +197,19 @@ class TrainSpec(_Spec):
     cache_latents: bool = True
     cache_text_encoder_outputs: bool = True
 
+    # Flux only (kohya's flux_train_network.py names; refused for SD bases, see runner/flux.py).
+    guidance_scale: float = Field(
+        3.5, ge=0.0, le=30.0, description="the guidance the dev model is told while training"
+    )
+    timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = "sigma"
+    sigmoid_scale: float = Field(1.0, gt=0.0, le=100.0)
+    discrete_flow_shift: float = Field(3.0, gt=0.0, le=100.0)
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = "raw"
+    t5xxl_max_token_length: int | None = Field(
+        None, ge=8, le=512, description="T5 tokens; unset: 512 for dev, 256 for schnell"
+    )
+    fp8_base: bool = Field(False, description="keep the frozen transformer in fp8 (half the memory of bf16)")
+
     # Run length.
     train_batch_size: int = Field(1, ge=1, le=256)
     max_train_epochs: int | None = Field(10, ge=1, le=10000)
@@ -359,6 +372,9 @@ class GenSpec(_Spec):
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="image i gets seed + i; unset: random")
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
+    guidance_scale: float = Field(
+        3.5, ge=0.0, le=30.0, description="Flux dev's distilled guidance (Forge's Distilled CFG Scale)"
+    )
     width: int | None = Field(
         None, ge=64, le=4096, multiple_of=8, description="unset: the base's native size"
     )

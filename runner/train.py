@@ -18,21 +18,22 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_snr
+from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 
 from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batches, load_dataset, load_image
+from .flux import check_family_settings
 from .generate import Sampler, default_sample_prompts, parse_sample_prompt, save_png
 from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metadata
 from .models import Base, ModelError, load_base
 from .network import add_lora, load_lora_state, lora_state, param_groups
+from .objectives import Batch, make_objective
 from .optimizers import describe_optimizer, make_optimizer
 from .presets import preset_settings
 from .spec import (
@@ -44,7 +45,7 @@ from .spec import (
     StageEvent,
     TrainSpec,
 )
-from .text import Conditioning, encode_prompts
+from .text import Conditioning
 
 Emit = Callable[[Any], None]
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
@@ -75,35 +76,13 @@ def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
         raise SpecError(
             "clip_skip: SDXL always uses the penultimate text-encoder layer; leave clip_skip unset"
         )
+    check_family_settings(merged, base)
     n_layers = base.text_encoders[0].config.num_hidden_layers
     if merged["clip_skip"] and merged["clip_skip"] > n_layers:
         raise SpecError(
             f"clip_skip must be between 1 and {n_layers} for this model (got {merged['clip_skip']})"
         )
     return TrainSpec.parse(merged)
-
-
-def pyramid_noise(
-    shape: torch.Size, iterations: int, discount: float, gen: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it.
-    b, c, h, w = shape
-    noise = torch.randn(shape, generator=gen, device=device)
-    for i in range(1, iterations + 1):
-        r = random.Random(gen.initial_seed() + i).random() * 2 + 2  # scale factor in [2, 4)
-        wi, hi = max(1, int(w / r**i)), max(1, int(h / r**i))
-        low = torch.randn(b, c, hi, wi, generator=gen, device=device)
-        noise += F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
-        if wi == 1 or hi == 1:
-            break
-    return noise / noise.std()
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor
-    cond: Conditioning
-    time_ids: torch.Tensor | None  # SDXL micro-conditioning
 
 
 class Trainer:
@@ -133,6 +112,13 @@ class Trainer:
         for name, why in self.dataset.skipped:
             self.emit(StageEvent(stage="dataset", message=f"skipped {name}: {why}"))
         self.rules = CaptionRules(spec)
+        self.sampler: Sampler | None = None
+        self.autocast_dtype = DTYPES[spec.mixed_precision]
+        # Frozen weights live in the compute dtype on a GPU; on a CPU autocast handles it and
+        # fp32 weights keep results exact and reproducible.
+        weight_dtype = self.autocast_dtype if self.device.type == "cuda" else torch.float32
+        self.base.to(self.device, weight_dtype)
+        self.objective = make_objective(self.base, spec, self.device, self.autocast_dtype)
         # Sample lines are checked now, not after the first epoch's hour of training.
         lines = spec.sample_prompts or default_sample_prompts(spec.trigger_word, self.dataset.common_tags(8))
         w, h = spec.resolution
@@ -145,17 +131,12 @@ class Trainer:
                     steps=spec.sample_steps,
                     sampler=spec.sample_sampler,
                     seed=spec.seed + i,
+                    **self.objective.sample_defaults,
                 )
                 for i, line in enumerate(lines)
             ]
         except ValueError as e:
             raise SpecError(f"sample_prompts: {e}") from None
-        self.sampler: Sampler | None = None
-        self.autocast_dtype = DTYPES[spec.mixed_precision]
-        # Frozen weights live in the compute dtype on a GPU; on a CPU autocast handles it and
-        # fp32 weights keep results exact and reproducible.
-        weight_dtype = self.autocast_dtype if self.device.type == "cuda" else torch.float32
-        self.base.to(self.device, weight_dtype)
         torch.manual_seed(spec.seed)
         add_lora(self.base, spec)
         trained = [
@@ -196,8 +177,6 @@ class Trainer:
             num_cycles=spec.lr_scheduler_num_cycles,
             power=spec.lr_scheduler_power,
         )
-        self.noise_scheduler = self.base.noise_scheduler()
-        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.gen = torch.Generator(self.device)
         self.facts = TrainingFacts(
             session_id=str(uuid.uuid4().int >> 96),
@@ -242,7 +221,8 @@ class Trainer:
             self.emit(StageEvent(stage="cache_text", message="encoding captions once"))
             captions = {self.rules.apply(item.caption, 0, random.Random(0)) for item in self.dataset.items}
             for caption in sorted(captions):
-                self.cond_cache[caption] = self._encode_text([caption], grad=False)
+                self.cond_cache[caption] = self.objective.encode_text([caption], grad=False)
+            self.objective.text_cached()
 
     # ---- per-step pieces ----
 
@@ -257,20 +237,10 @@ class Trainer:
             # kohya caches one sample of the latent distribution; the generator makes it repeatable.
             gen = torch.Generator(self.device).manual_seed(self.spec.seed)
             latents = vae.encode(x).latent_dist.sample(generator=gen)
-        return latents.float() * vae.config.scaling_factor
-
-    def _encode_text(self, captions: list[str], grad: bool) -> Conditioning:
-        with (
-            torch.set_grad_enabled(grad),
-            torch.autocast(self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"),
-        ):
-            return encode_prompts(
-                self.base,
-                captions,
-                max_token_length=self.spec.max_token_length,
-                clip_skip=self.spec.clip_skip,
-                weighted=self.spec.weighted_captions,
-            )
+        latents = latents.float()
+        if vae.config.get("shift_factor") is not None:  # Flux's VAE centres its latents too
+            latents = latents - vae.config.shift_factor
+        return latents * vae.config.scaling_factor
 
     def _time_ids(self, items: list[ImageItem]) -> torch.Tensor:
         # SDXL's micro-conditioning: original size, crop offset, target size. They follow from
@@ -300,52 +270,9 @@ class Trainer:
                 None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]),
             )
         else:
-            cond = self._encode_text(captions, grad=self.spec.train_text_encoder)
+            cond = self.objective.encode_text(captions, grad=self.spec.train_text_encoder)
         time_ids = self._time_ids(items) if self.base.family == "sdxl" else None
         return Batch(latents, cond, time_ids)
-
-    def _noise(self, latents: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.multires_noise_iterations:
-            noise = pyramid_noise(
-                latents.shape,
-                spec.multires_noise_iterations,
-                spec.multires_noise_discount,
-                self.gen,
-                self.device,
-            )
-        else:
-            noise = torch.randn(latents.shape, generator=self.gen, device=self.device)
-        if spec.noise_offset:
-            b, c = latents.shape[:2]
-            noise = noise + spec.noise_offset * torch.randn(
-                (b, c, 1, 1), generator=self.gen, device=self.device
-            )
-        return noise
-
-    def _loss(self, batch: Batch) -> torch.Tensor:
-        sched = self.noise_scheduler
-        latents = batch.latents
-        noise = self._noise(latents)
-        t = torch.randint(
-            0, sched.config.num_train_timesteps, (latents.shape[0],), generator=self.gen, device=self.device
-        )
-        noisy = sched.add_noise(latents, noise, t)
-        prediction_type = sched.config.prediction_type
-        target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        added = None
-        if batch.time_ids is not None:
-            added = {"text_embeds": batch.cond.pooled, "time_ids": batch.time_ids}
-        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"):
-            pred = self.base.unet(noisy, t, batch.cond.hidden_states, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.spec.min_snr_gamma:
-            # Min-SNR weighting as in diffusers' example (Hang et al. 2023).
-            snr = compute_snr(sched, t)
-            weight = torch.clamp(snr, max=self.spec.min_snr_gamma)
-            weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
-            loss = loss * weight
-        return loss.mean()
 
     # ---- saving and resuming ----
 
@@ -468,11 +395,9 @@ class Trainer:
         self._setup()
         spec = self.spec
         start_epoch, step = self._load_state() if spec.resume else (0, 0)
-        modules = [self.base.unet, *self.base.text_encoders]
-        for m, train in zip(
-            modules, [spec.train_unet] + [spec.train_text_encoder] * len(self.base.text_encoders), strict=True
-        ):
-            m.train(train)
+        for m in (self.base.unet, *self.base.text_encoders):
+            # Only what holds trained LoRA runs in train mode (Flux's frozen T5 has dropout).
+            m.train(any(p.requires_grad for p in m.parameters()))
         params = [p for g in self.groups for p in g["params"]]
         pattern = re.compile(re.escape(spec.output_name) + r"-\d{6}\.safetensors")
         epoch_files = sorted(str(p) for p in self.out.iterdir() if pattern.fullmatch(p.name))
@@ -486,7 +411,8 @@ class Trainer:
             batches = epoch_batches(self.dataset, spec.train_batch_size, epoch, spec.seed, spec.flip_aug)
             for i, pairs in enumerate(batches):
                 self._check_cancel()
-                loss = self._loss(self._batch(pairs, epoch, rng)) / spec.gradient_accumulation_steps
+                batch = self._batch(pairs, epoch, rng)
+                loss = self.objective.loss(batch, self.gen) / spec.gradient_accumulation_steps
                 self.scaler.scale(loss).backward()
                 if (i + 1) % spec.gradient_accumulation_steps and i + 1 != len(batches):
                     continue

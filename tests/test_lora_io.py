@@ -411,5 +411,5 @@ def test_lora_family():
     assert lora_family(attn2(1024), {}) is None
     assert (
         lora_family({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8)}, {})
-        is None
+        == "flux"
     )

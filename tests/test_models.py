@@ -177,8 +177,8 @@ def edit_json(path: Path, **changes) -> None:
 @pytest.mark.parametrize(
     ("part", "changes", "message"),
     [
-        ("model_index.json", {"_class_name": "FluxPipeline"}, "FluxPipeline diffusers model"),
-        ("model_index.json", {"_class_name": "StableDiffusionInpaintPipeline"}, "only SD1.5 and SDXL"),
+        ("model_index.json", {"_class_name": "FluxPipeline"}, "lacks text_encoder_2, tokenizer_2"),
+        ("model_index.json", {"_class_name": "StableDiffusionInpaintPipeline"}, "only SD1.5, SDXL and Flux.1"),
         ("unet/config.json", {"cross_attention_dim": 1024}, "Stable Diffusion 2"),
         ("unet/config.json", {"in_channels": 9}, "inpainting"),
     ],
@@ -294,8 +294,8 @@ def test_family_is_read_from_the_keys(tmp_path, keys, family):
             },
             "Stable Diffusion 2.x",
         ),
-        ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "Flux"),
-        ({"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "Flux"),
+        ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "only the Flux transformer"),
+        ({"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "LORACORD_FLUX_COMPONENTS"),
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8)}, "is a LoRA"),
         ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 8)}, "is a LoRA"),
         ({"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_out.weight": (3, 8, 3, 3)}, "is a VAE"),

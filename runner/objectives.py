@@ -1,0 +1,132 @@
+"""What one training step computes, per model family: caption encoding and the loss of a batch.
+
+The trainer's loop is the same for every family; it asks its objective for these two things.
+SD1.5/SDXL predict noise (or v) on DDPM's schedule (:class:`NoisePrediction`); Flux trains by flow
+matching (:class:`runner.flux.FlowMatching`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from .models import Base
+from .spec import TrainSpec
+from .text import Conditioning, encode_prompts
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    cond: Conditioning
+    time_ids: torch.Tensor | None  # SDXL micro-conditioning
+
+
+class Objective(Protocol):
+    sample_defaults: dict[str, Any]  # parse_sample_prompt defaults for previews
+
+    def encode_text(self, captions: list[str], grad: bool) -> Conditioning: ...
+
+    def text_cached(self) -> None:
+        """Called once every caption's conditioning is cached: frozen encoders may leave the GPU."""
+
+    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor: ...
+
+
+def make_objective(
+    base: Base, spec: TrainSpec, device: torch.device, autocast_dtype: torch.dtype
+) -> Objective:
+    """The family's objective; call before adding LoRA (Flux's fp8 storage must not touch LoRA layers)."""
+    if base.family == "flux":
+        from .flux import FlowMatching
+
+        return FlowMatching(base, spec, device, autocast_dtype)
+    return NoisePrediction(base, spec, device, autocast_dtype)
+
+
+def pyramid_noise(
+    shape: torch.Size, iterations: int, discount: float, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it.
+    b, c, h, w = shape
+    noise = torch.randn(shape, generator=gen, device=device)
+    for i in range(1, iterations + 1):
+        r = random.Random(gen.initial_seed() + i).random() * 2 + 2  # scale factor in [2, 4)
+        wi, hi = max(1, int(w / r**i)), max(1, int(h / r**i))
+        low = torch.randn(b, c, hi, wi, generator=gen, device=device)
+        noise += F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
+        if wi == 1 or hi == 1:
+            break
+    return noise / noise.std()
+
+
+class NoisePrediction:
+    """SD1.5/SDXL: epsilon or v prediction on the base's DDPM schedule, as kohya's train_network."""
+
+    sample_defaults: dict[str, Any] = {}
+
+    def __init__(self, base: Base, spec: TrainSpec, device: torch.device, autocast_dtype: torch.dtype):
+        self.base, self.spec, self.device = base, spec, device
+        self.autocast_dtype = autocast_dtype
+        self.noise_scheduler = base.noise_scheduler()
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"
+        )
+
+    def encode_text(self, captions: list[str], grad: bool) -> Conditioning:
+        with torch.set_grad_enabled(grad), self._autocast():
+            return encode_prompts(
+                self.base,
+                captions,
+                max_token_length=self.spec.max_token_length,
+                clip_skip=self.spec.clip_skip,
+                weighted=self.spec.weighted_captions,
+            )
+
+    def text_cached(self) -> None:
+        pass  # CLIP encoders are small enough to stay where they are
+
+    def _noise(self, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        spec = self.spec
+        if spec.multires_noise_iterations:
+            noise = pyramid_noise(
+                latents.shape, spec.multires_noise_iterations, spec.multires_noise_discount, gen, self.device
+            )
+        else:
+            noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        if spec.noise_offset:
+            b, c = latents.shape[:2]
+            noise = noise + spec.noise_offset * torch.randn((b, c, 1, 1), generator=gen, device=self.device)
+        return noise
+
+    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        sched = self.noise_scheduler
+        latents = batch.latents
+        noise = self._noise(latents, gen)
+        t = torch.randint(
+            0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=self.device
+        )
+        noisy = sched.add_noise(latents, noise, t)
+        prediction_type = sched.config.prediction_type
+        target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        added = None
+        if batch.time_ids is not None:
+            added = {"text_embeds": batch.cond.pooled, "time_ids": batch.time_ids}
+        with self._autocast():
+            pred = self.base.unet(noisy, t, batch.cond.hidden_states, added_cond_kwargs=added).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.spec.min_snr_gamma:
+            # Min-SNR weighting as in diffusers' example (Hang et al. 2023).
+            snr = compute_snr(sched, t)
+            weight = torch.clamp(snr, max=self.spec.min_snr_gamma)
+            weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr
+            loss = loss * weight
+        return loss.mean()
