@@ -90,6 +90,25 @@ class DiscordConfig(_Section):
     token_file: Path | None = None
 
 
+class WebConfig(_Section):
+    host: str = Field("127.0.0.1", description="address bot/web.py listens on")
+    port: int = Field(8080, ge=0, le=65535, description="0: any free port")
+    public_url: str | None = Field(
+        None, description="the base of download links as members reach it; unset: http://host:port"
+    )
+    secret_file: Path | None = Field(
+        None, description="the link-signing secret; unset: generated once in the data folder"
+    )
+    link_hours: float = Field(24, gt=0, description="how long a download link works")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"'{v}' is not a URL: start it with https:// (or http://)")
+        return v.rstrip("/") if v else v
+
+
 class Config(_Section):
     path: Path = Field(description="the config file itself")
     store: Path
@@ -100,6 +119,7 @@ class Config(_Section):
     scheduling: Scheduling = Field(default_factory=Scheduling)
     bases: dict[str, str] = Field(default_factory=dict)
     discord: DiscordConfig = Field(default_factory=DiscordConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
 
     def base(self, name: str) -> str:
         """The base string for a name members see; refusal lists the names there are."""
@@ -151,6 +171,9 @@ def load_config(path: str | Path) -> Config:
         data = (raw.get("data") or {}).get("dir", "data")
         if discord.get("token_file"):
             discord["token_file"] = _resolve(root, discord["token_file"])
+        web = dict(raw.get("web") or {})
+        if web.get("secret_file"):
+            web["secret_file"] = _resolve(root, web["secret_file"])
         return Config.model_validate(
             {
                 "path": path,
@@ -162,6 +185,7 @@ def load_config(path: str | Path) -> Config:
                 "scheduling": raw.get("scheduling") or {},
                 "bases": {k: _resolve(root, v) for k, v in (raw.get("bases") or {}).items()},
                 "discord": discord,
+                "web": web,
                 **{k: v for k, v in raw.items() if k not in _SECTIONS},
             }
         )
@@ -172,4 +196,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: a section has the wrong shape ({e})") from None
 
 
-_SECTIONS = ("store", "data", "workers", "ray", "quota", "scheduling", "bases", "discord")
+_SECTIONS = ("store", "data", "workers", "ray", "quota", "scheduling", "bases", "discord", "web")

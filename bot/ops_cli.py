@@ -69,6 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from .dispatch import make_dispatcher
     from .scheduler import Scheduler
+    from .web import WebServer
 
     cfg, db = _open(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -80,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         scheduler = Scheduler(db, cfg, make_dispatcher(cfg))
         logging.info("serving %s with %s workers on %s", cfg.store, cfg.workers.dispatch, cfg.workers.devices)
-        await scheduler.run(stop)
+        async with WebServer(cfg, db, scheduler):  # links, /healthz, /metrics on [web] host:port
+            await scheduler.run(stop)
         t = scheduler.timing
         logging.info(
             "stopped; scheduler overhead per dispatch %.2f ms (n=%d), per event %.2f ms, "

@@ -241,6 +241,12 @@ def list_jobs(
     return [_job(r) for r in db.query(sql, [*params, limit])]
 
 
+def job_counts(db: Database) -> dict[tuple[str, str], int]:
+    """Jobs per (kind, state), for /healthz and /metrics."""
+    rows = db.execute("SELECT kind, state, count(*) FROM jobs GROUP BY kind, state")
+    return {(kind, state): n for kind, state, n in rows}
+
+
 def count_jobs(db: Database, owner: str, states: tuple[str, ...]) -> int:
     sql = f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN ({', '.join('?' * len(states))})"
     return db.execute(sql, [owner, *states]).fetchone()[0]
