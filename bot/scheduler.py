@@ -10,7 +10,6 @@ recovered the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -73,9 +72,12 @@ class Scheduler:
         try:
             while not stop.is_set():
                 await self.tick()
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(self.cfg.scheduling.poll_seconds):
-                        await self.handle(await self.inbox.get())
+                        msg = await self.inbox.get()
+                except TimeoutError:
+                    continue
+                await self.handle(msg)  # never under the timeout: a half-recorded event is lost
                 while not self.inbox.empty():
                     await self.handle(self.inbox.get_nowait())
         finally:
@@ -95,6 +97,8 @@ class Scheduler:
                 await self.dispatcher.cancel(job.worker, job.id)
         if store.get_setting(self.db, "paused", False):
             return
+        if all(s.main is not None and (not s.training or s.between) for s in self.slots.values()):
+            return  # no worker could take any job now
         queued = store.list_jobs(self.db, ("queued",))
         if not queued:
             return
@@ -122,8 +126,11 @@ class Scheduler:
             # An idle worker, else one that trains and is not already serving a short job.
             busy = [w for w, s in up.items() if s.training and not s.between]
             return (free or busy or [None])[0]
-        limit = jobs.effective_quota(self.db, self.cfg, job.owner).concurrent_jobs
-        if not free or training.get(job.owner, 0) >= limit:
+        if (
+            not free
+            or training.get(job.owner, 0)
+            >= jobs.effective_quota(self.db, self.cfg, job.owner).concurrent_jobs
+        ):
             return None
         return free[0]
 
