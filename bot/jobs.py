@@ -236,6 +236,7 @@ def submit_train(
         images, weighted = dataset_images(data, int((settings or {}).get("num_repeats", 1)))
         if not images:
             raise JobError(f"dataset '{dataset}' has no images")
+        store.add_dataset(db, member, dataset, str(data), images)
         raw = {
             **(settings or {}),
             "base": cfg.base(base),

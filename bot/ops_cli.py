@@ -134,6 +134,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=1))
         return 0
+    if store.get_setting(db, "paused", False):
+        print("queue paused (loracord jobs resume): running jobs finish, nothing new starts")
     print(f"{'id':>5} {'kind':5} {'member':20} {'state':9} {'pos':>3} {'where':28} name")
     for r in rows:
         if r["state"] == "queued":
@@ -188,6 +190,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {time.strftime('%H:%M:%S', time.localtime(e['at']))} {e['type']:9} {detail}")
     for a in d["artifacts"]:
         print(f"  {a['kind']:5} {a['size']:>10} {a['sha256'][:12]} {a['path']}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    _, db = _open(args)
+    store.set_setting(db, "paused", args.paused)
+    print("queue paused: running jobs finish, nothing new starts" if args.paused else "queue resumed")
     return 0
 
 
@@ -296,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("id", type=int)
     c.set_defaults(func=cmd_cancel)
     s.set_defaults(func=cmd_submit)
+    pause = j.add_parser("pause", parents=[config], help="start no new jobs (running ones finish)")
+    pause.set_defaults(func=cmd_pause, paused=True)
+    j.add_parser("resume", parents=[config], help="start jobs again").set_defaults(
+        func=cmd_pause, paused=False
+    )
 
     q = sub.add_parser("quota", help="show or set quotas").add_subparsers(dest="quota", required=True)
     qs = q.add_parser("show", parents=[config], help="a member's quota and what is used")

@@ -247,11 +247,6 @@ def job_counts(db: Database) -> dict[tuple[str, str], int]:
     return {(kind, state): n for kind, state, n in rows}
 
 
-def count_jobs(db: Database, owner: str, states: tuple[str, ...]) -> int:
-    sql = f"SELECT count(*) FROM jobs WHERE owner = ? AND state IN ({', '.join('?' * len(states))})"
-    return db.execute(sql, [owner, *states]).fetchone()[0]
-
-
 def transition(db: Database, job_id: int, allowed_from: tuple[str, ...], to: str, **values: Any) -> bool:
     """Move a job to ``to`` only if it is in one of ``allowed_from`` now (compare-and-set, so two
     processes can never both start, or both finish, the same job)."""

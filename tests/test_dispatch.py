@@ -17,6 +17,7 @@ from botutil import TRAIN, write_config
 from safetensors.torch import load_file
 
 from bot import jobs, store
+from bot.cli import main
 from bot.dispatch import make_dispatcher
 from bot.files import member_path
 from bot.scheduler import Scheduler
@@ -180,6 +181,19 @@ def test_cancel_one_members_job_leaves_the_others_running(tmp_path):
     assert bob_then == ["running"]
     assert len(after_cancel) <= 2  # it stops within a step
     assert store.get_job(db, a.id).last_epoch >= 1  # epochs saved before the cancel are kept
+
+
+def test_a_paused_queue_starts_nothing_until_resumed(tmp_path):
+    cfg, db = server(tmp_path, workers=1)
+    job = train(cfg, db, "alice", "p")
+    assert main(["jobs", "pause", "--config", str(cfg.path)]) == 0
+    sched = Scheduler(db, cfg, make_dispatcher(cfg))
+    later = time.monotonic() + 2
+    asyncio.run(drive(sched, lambda: time.monotonic() > later))
+    assert store.get_job(db, job.id).state == "queued" and not started_order(db)
+    assert main(["jobs", "resume", "--config", str(cfg.path)]) == 0
+    asyncio.run(drive(Scheduler(db, cfg, make_dispatcher(cfg)), lambda: finished(db)))
+    assert store.get_job(db, job.id).state == "done"
 
 
 def test_restart_of_the_whole_bot_loses_nothing(tmp_path):
