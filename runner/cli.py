@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--base",
         required=True,
-        help="tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, a .safetensors file or a diffusers folder",
+        help="tiny:sd15, tiny:sdxl, tiny:flux, random:sd15, random:sdxl, random:flux, a .safetensors "
+        "file (Flux: the transformer, with $LORACORD_FLUX_COMPONENTS) or a diffusers folder",
     )
     t.add_argument(
         "--name", required=True, help="LoRA name: files are NAME-000001.safetensors … NAME.safetensors"

@@ -11,7 +11,7 @@ from typing import Any
 from .infotext import parse_parameters
 from .spec import FailedEvent, GenSampler, GenSpec, ImagesEvent, SpecError
 
-BASE_HELP = "tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, a .safetensors file or a diffusers folder"
+BASE_HELP = "tiny:sd15, tiny:sdxl, tiny:flux, random:…, a .safetensors file or a diffusers folder"
 
 
 def _lora_arg(item: str) -> dict[str, Any]:
@@ -48,6 +48,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "steps": args.steps,
         "cfg_scale": args.cfg,
+        "guidance_scale": args.guidance,
         "sampler": args.sampler,
         "clip_skip": args.clip_skip,
     }
@@ -130,7 +131,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--seed", type=int, help="image i gets seed + i (default: random)")
     p.add_argument("--steps", type=int, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, help="CFG scale (default 7)")
+    p.add_argument("--cfg", type=float, help="CFG scale (default 7; Flux: 1, no true CFG)")
+    p.add_argument("--guidance", type=float, help="Flux dev's distilled guidance (default 3.5)")
     p.add_argument("--size", type=_size_arg, metavar="WxH", help="default: the base's native size")
     p.add_argument(
         "--sampler",

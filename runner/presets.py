@@ -72,12 +72,38 @@ _KINDS: dict[str, dict[str, Any]] = {
     },
 }
 
-_FAMILY: dict[Family, dict[str, Any]] = {
+_FAMILY: dict[str, dict[str, Any]] = {
     # SD1.5 anime checkpoints are trained and used at clip skip 2.
     "sd15": {"clip_skip": 2},
     # SDXL: the text encoders are large and rarely worth training; freezing them lets their outputs
     # be cached. Gradient checkpointing keeps 1024² training inside 12–16 GB cards.
     "sdxl": {"network_train_unet_only": True, "gradient_checkpointing": True},
+}
+
+# Flux.1: Civitai's Flux defaults (dim/alpha 16/16, lr 1e-4, cosine) and kohya's README
+# recommendation for Flux LoRAs (timestep_sampling shift, discrete_flow_shift 3.1582,
+# model_prediction_type raw, guidance_scale 1.0). CLIP-L stays frozen so every caption is encoded
+# once; captions are not shuffled (T5 reads sentences) nor dropped, which would also undo that cache.
+# None of the UNet-only settings above (min-SNR, noise offset, LoCon) apply.
+_FLUX_COMMON: dict[str, Any] = {
+    **{k: v for k, v in _COMMON.items() if k != "min_snr_gamma"},
+    "network_dim": 16,
+    "network_alpha": 16,
+    "learning_rate": 1e-4,
+    "unet_lr": 1e-4,
+    "network_train_unet_only": True,
+    "gradient_checkpointing": True,
+    "save_precision": "bf16",
+    "train_batch_size": 1,
+    "timestep_sampling": "shift",
+    "discrete_flow_shift": 3.1582,
+    "model_prediction_type": "raw",
+    "guidance_scale": 1.0,
+}
+_FLUX_KINDS: dict[str, dict[str, Any]] = {
+    "character": {},
+    "style": {"flip_aug": True},
+    "concept": {"flip_aug": True, "max_train_epochs": 8},
 }
 
 PRESETS = tuple(_KINDS)
@@ -87,6 +113,8 @@ def preset_settings(preset: str, family: Family) -> dict[str, Any]:
     """Settings of one preset for one family; the caller lays member overrides on top."""
     if preset not in _KINDS:
         raise SpecError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    if family == "flux":
+        return {**_FLUX_COMMON, **_FLUX_KINDS[preset]}
     settings = {**_COMMON, **_KINDS[preset], **_FAMILY[family]}
     if family == "sdxl" and settings.get("network_train_unet_only"):
         settings.pop("text_encoder_lr", None)

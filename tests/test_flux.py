@@ -1,0 +1,403 @@
+"""Flux.1 LoRAs on tiny:flux: kohya's fused key names and alphas, exact effective weights, loading in
+diffusers, training (files, metadata, determinism, previews), generation, and refused settings."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from diffusers.training_utils import cast_training_params
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from runner.flux import FlowMatching
+from runner.flux_keys import diffusers_state_dict
+from runner.generate import gen_images
+from runner.lora_io import effective_delta, kohya_state_dict
+from runner.models import load_base
+from runner.network import add_lora, lora_modules
+from runner.objectives import Batch
+from runner.pipelines import PipelineCache
+from runner.selftest import make_demo_dataset
+from runner.spec import DoneEvent, FailedEvent, GenSpec, SpecError, TrainSpec
+from runner.train import concrete_spec, train
+
+
+def spec_for(**settings) -> TrainSpec:
+    return TrainSpec.parse(
+        {
+            "base": "tiny:flux",
+            "train_data_dir": "unused",
+            "output_dir": "unused",
+            "output_name": "f",
+            "network_dim": 4,
+            "network_alpha": 2,
+            **settings,
+        }
+    )
+
+
+def lora_base(**settings):
+    """tiny:flux with LoRA on the transformer and CLIP-L, its up weights random (fresh ones are 0)."""
+    base = load_base("tiny:flux")
+    torch.manual_seed(1)
+    add_lora(base, spec_for(**settings))
+    with torch.no_grad():
+        for m in lora_modules(base):
+            m.up.normal_(std=0.5)
+    return base
+
+
+def test_fused_kohya_modules_hold_exactly_the_trained_weights():
+    base = lora_base()
+    tensors = kohya_state_dict(base, torch.float32)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    per_double = ["img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2", "img_mod_lin"]
+    per_double += [n.replace("img", "txt") for n in per_double]
+    expected = {f"lora_unet_double_blocks_{i}_{n}" for i in range(2) for n in per_double}
+    expected |= {
+        f"lora_unet_single_blocks_{i}_{n}" for i in range(2) for n in ("linear1", "linear2", "modulation_lin")
+    }
+    expected |= {
+        f"lora_te1_text_model_encoder_layers_{i}_{n}"
+        for i in range(5)
+        for n in (
+            "self_attn_q_proj",
+            "self_attn_k_proj",
+            "self_attn_v_proj",
+            "self_attn_out_proj",
+            "mlp_fc1",
+            "mlp_fc2",
+        )
+    }
+    assert names == expected
+    # q/k/v fused: rank 3r and alpha 3α, so alpha/rank stays 2/4; linear1 fuses q, k, v and the MLP.
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert tensors[f"{qkv}.lora_down.weight"].shape == (12, 16)
+    assert tensors[f"{qkv}.lora_up.weight"].shape == (48, 12)
+    assert float(tensors[f"{qkv}.alpha"]) == 6.0
+    assert float(tensors["lora_unet_single_blocks_1_linear1.alpha"]) == 8.0
+    assert float(tensors["lora_unet_double_blocks_1_txt_mod_lin.alpha"]) == 2.0
+
+    # Every diffusers module's own up·down·α/r is its rows of the fused module's delta.
+    live = {m.name: m for m in lora_modules(base) if m.component == "unet"}
+    checked = 0
+    for key in sorted(n for n in expected if n.startswith("lora_unet")):
+        match = re.fullmatch(r"lora_unet_(double|single)_blocks_(\d+)_(.+)", key)
+        kind, i, rest = match.groups()
+        prefix = f"transformer_blocks.{i}." if kind == "double" else f"single_transformer_blocks.{i}."
+        parts = {
+            "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+            "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+            "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+        }.get(rest, [None])
+        deltas = []
+        for part in parts:
+            name = prefix + part if part else next(n for n in live if n.startswith(prefix) and _bfl(n) == key)
+            m = live[name]
+            deltas.append(m.up.detach() @ m.down.detach() * (m.alpha / m.rank))
+            checked += 1
+        torch.testing.assert_close(effective_delta(tensors, key), torch.cat(deltas), rtol=1e-5, atol=1e-6)
+    assert checked == len(live)
+
+
+def _bfl(name: str) -> str:
+    from runner.flux_keys import kohya_module
+
+    return kohya_module(name)[0]
+
+
+def transformer_output(base, seed: int = 0) -> torch.Tensor:
+    t = base.unet
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return t(
+            hidden_states=torch.randn(1, 16, t.config.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(1, 8, t.config.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(1, t.config.pooled_projection_dim, generator=g),
+            timestep=torch.tensor([0.5]),
+            guidance=torch.tensor([3.5]),
+            img_ids=torch.zeros(16, 3),
+            txt_ids=torch.zeros(8, 3),
+            return_dict=False,
+        )[0]
+
+
+def pipeline_of(base) -> FluxPipeline:
+    from runner.flux import flux_pipeline
+
+    return flux_pipeline(base)
+
+
+def clip_pooled(base) -> torch.Tensor:
+    ids = base.tokenizers[0](
+        ["a photo of sks"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return base.text_encoders[0](ids).pooler_output
+
+
+def test_diffusers_own_kohya_loader_gives_the_trained_outputs():
+    # diffusers' converter hard-codes FLUX.1's single-block widths, so this file has double blocks only
+    # (the GPU test below loads a full-size file with single blocks).
+    # Transformer keys only: with transformers 5 (no text_model wrapper in CLIPTextModel) diffusers'
+    # converter does not put lora_te1_ weights where they belong; the generation loader below does.
+    trained = lora_base()
+    trained.unet.single_transformer_blocks = torch.nn.ModuleList()
+    tensors = {
+        k: v for k, v in kohya_state_dict(trained, torch.float32).items() if k.startswith("lora_unet_")
+    }
+    fresh = load_base("tiny:flux")
+    fresh.unet.single_transformer_blocks = torch.nn.ModuleList()
+    before = transformer_output(fresh)
+    pipeline_of(fresh).load_lora_weights(tensors)
+    after = transformer_output(fresh)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, transformer_output(trained), rtol=1e-4, atol=1e-5)
+
+
+def test_generation_loader_gives_the_trained_outputs_for_any_size():
+    trained = lora_base()
+    tensors = kohya_state_dict(trained, torch.float32)
+    fresh = load_base("tiny:flux")
+    pipeline_of(fresh).load_lora_weights(diffusers_state_dict(tensors, fresh.unet, fresh.text_encoders[0]))
+    torch.testing.assert_close(transformer_output(fresh), transformer_output(trained), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(clip_pooled(fresh), clip_pooled(trained), rtol=1e-4, atol=1e-5)
+
+
+def test_split_is_exact_for_files_whose_fused_up_is_not_block_diagonal():
+    base = load_base("tiny:flux")
+    g = torch.Generator().manual_seed(3)
+    key = "lora_unet_single_blocks_0_linear1"
+    tensors = {
+        f"{key}.lora_down.weight": torch.randn(6, 16, generator=g),
+        f"{key}.lora_up.weight": torch.randn(112, 6, generator=g),
+        f"{key}.alpha": torch.tensor(3.0),
+    }
+    split = diffusers_state_dict(tensors, base.unet, base.text_encoders[0])
+    parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    rows = [
+        split[f"transformer.single_transformer_blocks.0.{p}.lora_B.weight"]
+        @ split[f"transformer.single_transformer_blocks.0.{p}.lora_A.weight"]
+        for p in parts
+    ]
+    torch.testing.assert_close(torch.cat(rows), effective_delta(tensors, key))
+    with pytest.raises(ValueError, match="lora_unet_nowhere"):
+        diffusers_state_dict(
+            {
+                "lora_unet_nowhere.lora_down.weight": torch.zeros(1, 1),
+                "lora_unet_nowhere.lora_up.weight": torch.zeros(1, 1),
+            },
+            base.unet,
+            base.text_encoders[0],
+        )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"clip_skip": 2}, "clip_skip: Flux reads"),
+        ({"max_token_length": 150}, "t5xxl_max_token_length"),
+        ({"min_snr_gamma": 5}, "flow matching"),
+        ({"conv_dim": 4}, "LoCon"),
+        (
+            {"noise_offset": 0.05, "weighted_captions": True},
+            "noise_offset.*weighted_captions|weighted_captions.*noise_offset",
+        ),
+        ({"bucket_reso_steps": 10}, r"bucket_reso_steps must be a multiple of 4 for Flux \(got 10\)"),
+    ],
+)
+def test_settings_that_do_not_apply_to_flux_are_refused_with_the_reason(settings, message):
+    with pytest.raises(SpecError, match=message):
+        concrete_spec(spec_for(**settings), load_base("tiny:flux"))
+
+
+def test_flux_only_settings_are_refused_for_sd():
+    spec = spec_for(base="tiny:sd15", guidance_scale=1.0, timestep_sampling="shift")
+    with pytest.raises(SpecError, match="guidance_scale applies to Flux bases only; timestep_sampling"):
+        concrete_spec(spec, load_base("tiny:sd15"))
+
+
+def test_flux_presets_use_flux_settings():
+    spec = concrete_spec(spec_for(preset="character"), load_base("tiny:flux"))
+    assert spec.network_dim == 4  # the member's own settings win
+    assert (spec.timestep_sampling, spec.model_prediction_type, spec.guidance_scale) == ("shift", "raw", 1.0)
+    assert spec.min_snr_gamma is None and spec.network_train_unet_only
+
+
+@pytest.mark.parametrize("kind", ["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
+def test_timestep_sampling_gives_sigmas_in_range(kind):
+    base = load_base("tiny:flux")
+    objective = FlowMatching(base, spec_for(timestep_sampling=kind), torch.device("cpu"), torch.float32)
+    sigmas = objective._sigmas(4000, 64, torch.Generator().manual_seed(0))
+    assert sigmas.shape == (4000,) and bool(((sigmas > 0) & (sigmas <= 1)).all())
+    if kind == "shift":  # a shift of 3 moves training towards the noisy end
+        plain = FlowMatching(base, spec_for(timestep_sampling="sigmoid"), torch.device("cpu"), torch.float32)
+        assert sigmas.mean() > plain._sigmas(4000, 64, torch.Generator().manual_seed(0)).mean() + 0.1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("data"), count=3, repeats=1)
+
+
+def run(out: Path, data: Path, **settings):
+    defaults = {
+        "train_data_dir": str(data),
+        "output_dir": str(out),
+        "trigger_word": "sks",
+        "max_train_epochs": 1,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "constant",
+        "sample_every_n_epochs": 0,
+        "t5xxl_max_token_length": 16,
+    }
+    spec = spec_for(**(defaults | settings))
+    events: list = []
+    result = train(spec, events.append, device="cpu")
+    return result, events
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("flux")
+    result, events = run(
+        out,
+        data,
+        max_train_epochs=2,
+        sample_every_n_epochs=2,
+        sample_steps=2,
+        sample_prompts=["sks --g 2.5 --d 5"],
+    )
+    assert isinstance(result, DoneEvent), result
+    return result, events
+
+
+def test_training_writes_kohya_flux_files_with_metadata_and_previews(trained):
+    result, events = trained
+    assert [Path(p).name for p in result.epoch_files] == ["f-000001.safetensors", "f-000002.safetensors"]
+    tensors = load_file(result.lora_file)
+    with safe_open(result.lora_file, "pt") as f:
+        meta = f.metadata()
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in tensors)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_") for k in tensors)
+    assert not any(k.startswith(("lora_te2_", "lora_te3_")) for k in tensors)  # T5 stays frozen
+    assert all(tensors[k].abs().sum() > 0 for k in tensors if k.endswith("lora_up.weight"))
+    assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_guidance_scale"]) == (
+        "4",
+        "2.0",
+        "3.5",
+    )
+    assert meta["ss_timestep_sampling"] == "sigma" and json.loads(meta["ss_tag_frequency"])
+    assert "modelspec.prediction_type" not in meta
+    (epoch2,) = [e for e in events if getattr(e, "epoch", None) == 2 and e.type == "epoch"]
+    text = Image.open(epoch2.sample_images[0]).info["parameters"]
+    assert "Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 2.5, Seed: 5" in text
+
+
+def test_same_seed_same_lora(tmp_path, data):
+    first, _ = run(tmp_path / "a", data, max_train_steps=2, max_train_epochs=None)
+    again, _ = run(tmp_path / "b", data, max_train_steps=2, max_train_epochs=None)
+    a, b = load_file(first.lora_file), load_file(again.lora_file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp8_base_stores_the_frozen_transformer_in_fp8_and_trains_lora_in_fp32():
+    base = load_base("tiny:flux")
+    spec = spec_for(fp8_base=True, network_train_unet_only=True, t5xxl_max_token_length=16)
+    objective = FlowMatching(base, spec, torch.device("cpu"), torch.float32)
+    add_lora(base, spec)
+    cast_training_params(base.unet, torch.float32)  # as the trainer does; peft made them fp8 like their base
+    assert base.unet.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert all(m.down.dtype == m.up.dtype == torch.float32 for m in lora_modules(base))
+    cond = objective.encode_text(["a photo of sks"], grad=False)
+    gen = torch.Generator().manual_seed(0)
+    loss = objective.loss(Batch(torch.randn(1, 4, 8, 8, generator=gen), cond, None), gen)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(m.up.grad is not None and m.up.grad.abs().sum() > 0 for m in lora_modules(base))
+
+
+def test_refusals_reach_the_member_as_failed_events(tmp_path, data):
+    result, _ = run(tmp_path, data, clip_skip=2)
+    assert isinstance(result, FailedEvent) and result.kind == "bad_input" and "clip_skip" in result.reason
+
+
+def test_gen_with_the_trained_lora_changes_the_image_and_describes_it(trained, tmp_path):
+    result, _ = trained
+    cache = PipelineCache("cpu")
+    common = {
+        "base": "tiny:flux",
+        "output_dir": str(tmp_path),
+        "seed": 3,
+        "steps": 2,
+        "lora_dir": str(Path(result.lora_file).parent),
+    }
+    (plain,) = gen_images(GenSpec.parse({**common, "prompt": "sks"}), cache)
+    (with_lora,) = gen_images(
+        GenSpec.parse({**common, "prompt": "sks <lora:f:1>", "guidance_scale": 2}), cache
+    )
+    (again,) = gen_images(GenSpec.parse({**common, "prompt": "sks <lora:f:1>", "guidance_scale": 2}), cache)
+    px = [torch.tensor(list(img.image.getdata()), dtype=torch.float32) for img in (plain, with_lora, again)]
+    assert (px[0] - px[1]).abs().mean() > 1 and torch.equal(px[1], px[2])
+    assert "CFG scale: 1, Distilled CFG Scale: 2," in with_lora.parameters
+    assert 'Lora hashes: "f: ' in with_lora.parameters
+    sd = tmp_path / "sd.safetensors"
+    down = "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"
+    save_file(
+        {down: torch.zeros(1, 768), down.replace("down", "up"): torch.zeros(1, 1)},
+        str(sd),
+        {"ss_base_model_version": "sd_v1"},
+    )
+    with pytest.raises(
+        SpecError, match="is an SD1.5 LoRA; it cannot be used with tiny:flux, an Flux.1 model"
+    ):
+        gen_images(GenSpec.parse({**common, "prompt": "sks", "loras": [{"name": str(sd)}]}), cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_full_size_flux_lora_trains_on_the_gpu_and_loads_in_diffusers(tmp_path):
+    """random:flux at 1024², batch 1, rank 16, bf16, fp8 base, gradient checkpointing: one step's
+    peak VRAM and speed (printed as JSON), and diffusers' own loader reading the saved file."""
+    import time
+
+    from runner.train import Trainer
+
+    data = make_demo_dataset(tmp_path / "data", count=2, repeats=1, size=(1024, 1024))
+    spec = spec_for(
+        train_data_dir=str(data),
+        output_dir=str(tmp_path / "out"),
+        base="random:flux",
+        network_dim=16,
+        network_alpha=16,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        fp8_base=True,
+        network_train_unet_only=True,
+        max_train_steps=4,
+        max_train_epochs=None,
+        sample_every_n_epochs=0,
+        resolution=1024,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    result = Trainer(spec, lambda e: None, device="cuda").run()
+    print(
+        json.dumps(
+            {
+                "base": "random:flux",
+                "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "seconds": time.monotonic() - started,
+                "steps": result.steps,
+            }
+        )
+    )
+    tensors = load_file(result.lora_file)
+    assert "lora_unet_single_blocks_37_linear1.lora_down.weight" in tensors
