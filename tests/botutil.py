@@ -14,7 +14,7 @@ def write_config(root: Path, extra: str = "", devices: str = '["cpu"]', dispatch
     path.write_text(
         f'[store]\npath = "db/loracord.db"\n[data]\ndir = "data"\n'
         f'[workers]\ndevices = {devices}\ndispatch = "{dispatch}"\n'
-        f'[bases]\ntiny = "tiny:sd15"\n"タイニー XL" = "tiny:sdxl"\n[web]\nport = 0\n{extra}',
+        f'[bases]\ntiny = "tiny:sd15"\n"タイニー XL" = "tiny:sdxl"\n{extra}',
         encoding="utf-8",
     )
     return load_config(path)

@@ -30,7 +30,7 @@ def server(tmp_path, workers: int = 2, dispatch: str = "local"):
     cfg = write_config(
         tmp_path,
         "[quota]\nqueued_jobs = 5\ndaily_gpu_seconds = 100000\nconcurrent_jobs = 1\n"
-        "[scheduling]\npoll_seconds = 0.05\n",
+        "[scheduling]\npoll_seconds = 0.05\n[web]\nport = 0\n",
         devices=str(["cpu"] * workers).replace("'", '"'),
         dispatch=dispatch,
     )
