@@ -1,0 +1,92 @@
+"""The benchmark plumbing: step clocks, tqdm parsing, the shared data set, and the runner end to end on
+a tiny base (no references, no timings asserted)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from bench.common import StepClock, tqdm_steps
+from bench.data import hf_imagefolder, kohya_dataset
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_step_clock_leaves_the_warmup_steps_out():
+    clock = StepClock(warmup=2)
+    # Slow first steps (compilation), then one step a second.
+    for t, n in [(0.0, 1), (10.0, 2), (11.0, 3), (12.0, 4), (12.0, 4), (13.0, 5)]:
+        clock.step(n, at=t)
+    assert clock.steps_per_s() == 1.0
+    assert clock.last == 5
+    assert StepClock(warmup=10).steps_per_s() is None
+
+
+def test_tqdm_steps_reads_diffusers_and_kohya_bars_split_on_carriage_returns():
+    stderr = (
+        b"Loading pipeline components...: 100%|##| 5/5 [00:00<00:00]\n"
+        b"Steps:   0%|          | 0/8 [00:00<?, ?it/s]\rSteps:  12%|#2   | 1/8 [00:01<00:07, 1.0it/s, loss=0.1]"
+        b"\rSteps:  25%|##5  | 2/8 [00:02<00:06]\n"
+        b"caching latents: 100%|##| 4/4\n"
+        b"steps:  50%|#####     | 4/8 [00:03<00:03, avr_loss=0.2]\r"
+        b"epoch 1/2 done"
+    )
+    pieces = list(tqdm_steps(io.BufferedReader(io.BytesIO(stderr))))
+    assert [s for _, s in pieces if s is not None] == [0, 1, 2, 4]
+    assert pieces[-1] == ("epoch 1/2 done", None)
+
+
+def test_every_trainer_sees_the_same_images_and_captions(tmp_path):
+    kohya = kohya_dataset(tmp_path / "kohya", count=3, repeats=2, size=(40, 32))
+    files = sorted((kohya / "2_sks").glob("*.png"))
+    assert len(files) == 3 and Image.open(files[0]).size == (40, 32)
+    # All different: intake's near-duplicate check must keep every one.
+    assert len({f.read_bytes() for f in files}) == 3
+    hf = hf_imagefolder(kohya, tmp_path / "hf")
+    rows = [json.loads(line) for line in (hf / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # kohya's repeats become rows
+    for row in rows:
+        stem = row["file_name"].split("-")[1]
+        assert (hf / row["file_name"]).read_bytes() == (kohya / "2_sks" / f"{stem}.png").read_bytes()
+        assert row["text"] == (kohya / "2_sks" / f"{stem}.txt").read_text()
+
+
+def test_runner_on_a_tiny_base_writes_a_record_for_every_step(tmp_path):
+    out = tmp_path / "results"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.run_all",
+        "--profile",
+        "tiny",
+        "--families",
+        "sd15",
+        "--no-refs",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "--budget-s",
+        "600",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    records = json.loads((out / "results-tiny.json").read_text())
+    by_step = {r["step"]: r for r in records}
+    assert [r for r in records if "error" in r] == []
+    train = by_step["loracord sd15"]
+    assert train["metric"] == "train" and train["settings"]["steps"] == 6 and train["samples_per_s"] > 0
+    assert train["machine"]["host_cpus"] >= 1 and "torch" in train["versions"]
+    e2e = by_step["end to end sd15"]
+    assert e2e["first_preview_s"] is not None and e2e["settings"]["epochs"] == 1
+    assert {"cold_s", "warm_s", "new_lora_s", "swap_s"} <= set(by_step["gen sd15"])
+    assert by_step["intake"]["images_per_s_zip"] > 0
+    assert by_step["scheduler 5"]["per_job_ms"] > 0
+    # What could not run says why instead of vanishing from the table.
+    assert by_step["diffusers sd15"]["skipped"] and by_step["kohya sd15"]["skipped"]
+    assert "bot/discord" in by_step["discord ack"]["skipped"]
+    assert (out / "results-tiny.jsonl").read_text().count("\n") == len(records)
