@@ -88,6 +88,33 @@ class RayConfig(_Section):
 
 class DiscordConfig(_Section):
     token_file: Path | None = None
+    api_base: str = Field(
+        "https://discord.com/api/v10", description="Discord's REST base (sets discord.http.Route.BASE)"
+    )
+    gateway: str = Field(
+        "wss://gateway.discord.gg/", description="Discord's gateway (a plain Client connects there directly)"
+    )
+    guilds: list[int] = Field(
+        default_factory=list, description="server ids to sync commands to; empty: global"
+    )
+    train_channel: int | None = Field(None, description="channel id where /train opens its threads")
+    archive_minutes: Literal[60, 1440, 4320, 10080] = Field(
+        1440, description="a training thread's auto-archive duration"
+    )
+    nsfw: Literal["spoiler", "refuse", "allow"] = Field(
+        "spoiler", description="images in channels not marked NSFW: as spoilers, refused, or shown"
+    )
+    progress_seconds: float = Field(5.0, ge=0.05, le=600, description="least time between progress edits")
+    tagger: str = Field(
+        "wd-swinv2-tagger-v3", description="Auto-tag's tagger: a SmilingWolf name, a repo id or a folder"
+    )
+
+    @field_validator("api_base", "gateway")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://", "ws://", "wss://")):
+            raise ValueError(f"'{v}' is not a URL: start it with https:// (api_base) or wss:// (gateway)")
+        return v.rstrip("/") if v.startswith("http") else v
 
 
 class WebConfig(_Section):
@@ -171,6 +198,8 @@ def load_config(path: str | Path) -> Config:
         data = (raw.get("data") or {}).get("dir", "data")
         if discord.get("token_file"):
             discord["token_file"] = _resolve(root, discord["token_file"])
+        if isinstance(discord.get("tagger"), str) and (root / Path(discord["tagger"]).expanduser()).is_dir():
+            discord["tagger"] = _resolve(root, discord["tagger"])  # a folder, not a tagger's name
         web = dict(raw.get("web") or {})
         if web.get("secret_file"):
             web["secret_file"] = _resolve(root, web["secret_file"])

@@ -20,7 +20,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from runner.presets import preset_settings
-from runner.spec import SpecError, TrainSpec
+from runner.spec import SpecError, TagSpec, TrainSpec
 
 from . import store
 from .config import Config, ConfigError, Quota
@@ -209,11 +209,12 @@ def _submit(
         job_id = store.insert_job(
             db, kind, member, name, spec, estimate.rate_key, estimate.steps, estimate.seconds
         )
-        # Outputs go under the member's folder, named by job id so no member text becomes a path.
-        spec["output_dir"] = str(
-            member_path(cfg.data_dir, member, "loras" if kind == "train" else kind, str(job_id))
-        )
-        store.set_job_spec(db, job_id, spec)
+        if kind != "tag":  # a tag job writes captions beside its dataset's images
+            # Outputs go under the member's folder, named by job id so no member text becomes a path.
+            spec["output_dir"] = str(
+                member_path(cfg.data_dir, member, "loras" if kind == "train" else kind, str(job_id))
+            )
+            store.set_job_spec(db, job_id, spec)
     return store.get_job(db, job_id)
 
 
@@ -267,6 +268,23 @@ def submit_gen(
     except (ConfigError, PathError) as e:
         raise JobError(str(e)) from None
     return _submit(db, cfg, member, "gen", None, spec, estimate)
+
+
+def submit_tag(
+    db: Database, cfg: Config, member: str, dataset: str, settings: dict[str, Any] | None = None
+) -> store.Job:
+    """Queue auto-tagging of the member's dataset ``dataset`` (captions are written beside its images)."""
+    try:
+        data = member_path(cfg.data_dir, member, "datasets", dataset)
+        store.ensure_member(db, member)
+        if not data.is_dir():
+            raise JobError(f"you have no dataset named '{dataset}'")
+        images, _ = dataset_images(data)
+        spec = TagSpec.parse({**(settings or {}), "train_data_dir": str(data)}).model_dump(exclude_unset=True)
+    except (SpecError, PathError) as e:
+        raise JobError(str(e)) from None
+    estimate = _cost(db, "tag", "tag", images, cfg.scheduling.gen_seconds_per_step)
+    return _submit(db, cfg, member, "tag", None, spec, estimate)
 
 
 def request_cancel(db: Database, job_id: int, member: str | None = None) -> str:

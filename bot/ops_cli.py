@@ -62,16 +62,13 @@ def _job_dict(job: store.Job, position: int | None = None, eta_s: float | None =
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if not args.no_discord:
-        print(
-            "error: the Discord bot is not part of this install yet; run with --no-discord", file=sys.stderr
-        )
-        return 2
     from .dispatch import make_dispatcher
     from .scheduler import Scheduler
     from .web import WebServer
 
     cfg, db = _open(args)
+    if not args.no_discord:
+        cfg.discord_token()  # no token: say so before anything starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
@@ -81,8 +78,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         scheduler = Scheduler(db, cfg, make_dispatcher(cfg))
         logging.info("serving %s with %s workers on %s", cfg.store, cfg.workers.dispatch, cfg.workers.devices)
-        async with WebServer(cfg, db, scheduler):  # links, /healthz, /metrics on [web] host:port
-            await scheduler.run(stop)
+        async with WebServer(cfg, db, scheduler) as web:  # links, /healthz, /metrics on [web] host:port
+            if args.no_discord:
+                await scheduler.run(stop)
+            else:
+                from .discord.app import serve
+
+                await serve(cfg, db, scheduler, web, stop)
         t = scheduler.timing
         logging.info(
             "stopped; scheduler overhead per dispatch %.2f ms (n=%d), per event %.2f ms, "

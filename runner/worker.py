@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .spec import EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TrainSpec
+from .spec import EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TagSpec, TrainSpec
 
 
 @dataclass
@@ -106,7 +106,11 @@ class Worker:
 
     def _run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
         kind = job.get("type")
-        specs: dict[str, type[TrainSpec | GenSpec]] = {"train": TrainSpec, "gen": GenSpec}
+        specs: dict[str, type[TrainSpec | GenSpec | TagSpec]] = {
+            "train": TrainSpec,
+            "gen": GenSpec,
+            "tag": TagSpec,
+        }
         if kind not in specs:
             event = FailedEvent(
                 kind="bad_input", reason=f"unknown job type {kind!r}; this worker runs: {', '.join(specs)}"
@@ -121,6 +125,10 @@ class Worker:
             return event
         if isinstance(spec, GenSpec):
             return self.generate(spec, emit)
+        if isinstance(spec, TagSpec):
+            from .tagger import tag_dataset  # onnxruntime loads only for a tag job
+
+            return tag_dataset(spec, emit, self.cancel_event)
         from .train import train  # torch loads only when there is work to do
 
         return train(spec, emit, self.cancel_event, self.device)

@@ -1,0 +1,150 @@
+"""``/queue``, ``/cancel``, ``/quota`` for members and ``/admin …`` for those with Manage Server
+(Discord hides it from others; server settings can hand it to any role)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from .. import jobs, store
+from ..config import Quota
+from ..files import member_dir
+from . import state
+from .common import defer, duration, member_id, say, sentence, size_text
+
+_KINDS = {"train": "training", "gen": "images", "tag": "tagging"}
+
+
+def _job_line(job: store.Job) -> str:
+    what = f"**{job.name}**" if job.name else _KINDS.get(job.kind, job.kind)
+    progress = job.progress_dict
+    step = f" · step {progress['step']}/{progress['total_steps']}" if progress and "step" in progress else ""
+    return f"#{job.id} {what} by <@{job.owner}>{step}"
+
+
+class Cog(commands.Cog, name="Cog_admin"):
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+
+    @app_commands.command(name="queue", description="What runs now and where your jobs are in line")
+    async def queue(self, ix: discord.Interaction) -> None:
+        await defer(ix)
+        me = member_id(ix.user)
+        p = jobs.plan(self.bot.db, self.bot.cfg)
+        lines = ["**Running**"] + ([_job_line(j) for j in p.running] or ["nothing"])
+        mine = [q for q in p.queued if q.job.owner == me]
+        lines.append(f"**Waiting**: {len(p.queued)} job(s)")
+        lines += [
+            f"{_job_line(q.job)} · #{q.position} in line · starts in ~{duration(q.eta_s)}" for q in mine
+        ]
+        if store.get_setting(self.bot.db, "paused", False):
+            lines.append("⏸️ The queue is paused by an admin.")
+        await say(ix, "\n".join(lines), allowed_mentions=discord.AllowedMentions.none())
+
+    @app_commands.command(
+        name="cancel", description="Cancel one of your jobs (your latest when no id is given)"
+    )
+    async def cancel(self, ix: discord.Interaction, job: int | None = None) -> None:
+        await defer(ix)
+        me = member_id(ix.user)
+        if job is None:
+            active = store.list_jobs(self.bot.db, store.ACTIVE, owner=me)
+            if not active:
+                await say(ix, "You have no queued or running job.")
+                return
+            job = active[-1].id
+        try:
+            what = jobs.request_cancel(self.bot.db, job, me)
+        except jobs.JobError as e:
+            await say(ix, sentence(str(e)))
+            return
+        await say(
+            ix, f"Job #{job} " + ("cancelled." if what == "cancelled" else "is stopping within a step.")
+        )
+
+    @app_commands.command(name="quota", description="Your GPU time, jobs and storage")
+    async def quota(self, ix: discord.Interaction) -> None:
+        await defer(ix)
+        u = jobs.usage(self.bot.db, self.bot.cfg, member_id(ix.user))
+        q = u.quota
+        await say(
+            ix,
+            f"GPU time left today: **{duration(max(u.gpu_seconds_left, 0))}** of {duration(q.daily_gpu_seconds)}\n"
+            f"Jobs: {u.running} running (of {q.concurrent_jobs}), {u.queued} waiting (of {q.queued_jobs})\n"
+            f"Storage: {size_text(u.storage_bytes)} of {q.storage_mb:g} MB · "
+            f"{q.images_per_dataset} images a dataset · {q.total_steps} steps a job",
+        )
+
+    admin = app_commands.Group(
+        name="admin",
+        description="Run the queue (Manage Server)",
+        default_permissions=discord.Permissions(manage_guild=True),
+        guild_only=True,
+    )
+
+    @admin.command(name="pause", description="Start no new jobs (running ones go on)")
+    async def pause(self, ix: discord.Interaction) -> None:
+        await defer(ix)
+        store.set_setting(self.bot.db, "paused", True)
+        running = len(store.list_jobs(self.bot.db, ("running",)))
+        await say(ix, f"⏸️ Paused. {running} job(s) still running; /admin resume starts the queue again.")
+
+    @admin.command(name="resume", description="Start jobs again")
+    async def resume(self, ix: discord.Interaction) -> None:
+        await defer(ix)
+        store.set_setting(self.bot.db, "paused", False)
+        await say(ix, "▶️ The queue runs again.")
+
+    @admin.command(name="drain", description="Pause, and cancel every job still waiting")
+    async def drain(self, ix: discord.Interaction) -> None:
+        await defer(ix)
+        store.set_setting(self.bot.db, "paused", True)
+        waiting = store.list_jobs(self.bot.db, ("queued",))
+        for job in waiting:
+            jobs.request_cancel(self.bot.db, job.id)
+        await say(ix, f"Paused and cancelled {len(waiting)} waiting job(s); running ones finish.")
+
+    @admin.command(name="cancel", description="Cancel any job")
+    async def admin_cancel(self, ix: discord.Interaction, job: int) -> None:
+        await defer(ix)
+        try:
+            what = jobs.request_cancel(self.bot.db, job)
+        except jobs.JobError as e:
+            await say(ix, sentence(str(e)))
+            return
+        await say(ix, f"Job #{job} {what}.")
+
+    @admin.command(name="purge", description="Delete a member's datasets, LoRAs and images")
+    async def purge(self, ix: discord.Interaction, member: discord.User) -> None:
+        await defer(ix)
+        who = member_id(member)
+        for job in store.list_jobs(self.bot.db, store.ACTIVE, owner=who):
+            jobs.request_cancel(self.bot.db, job.id)
+        state.delete_lora(self.bot.db, who)
+        state.delete_drafts(self.bot.db, who)
+        shutil.rmtree(member_dir(self.bot.cfg.data_dir, who), ignore_errors=True)
+        await say(ix, f"Purged <@{who}>'s data.", allowed_mentions=discord.AllowedMentions.none())
+
+    @admin.command(name="quota", description="Set a role's limit ('default' removes it)")
+    @app_commands.choices(key=[app_commands.Choice(name=k, value=k) for k in Quota.names()])
+    async def admin_quota(self, ix: discord.Interaction, role: discord.Role, key: str, value: str) -> None:
+        await defer(ix)
+        number: Any = None
+        if value.strip().lower() != "default":
+            try:
+                number = float(value)
+            except ValueError:
+                await say(ix, f"'{value}' is not a number (or 'default').")
+                return
+            if number < 0:
+                await say(ix, "Limits cannot be negative.")
+                return
+        store.set_quota_override(self.bot.db, "role", str(role.id), key, number)
+        await say(ix, f"{role.name}: {key} = {value}.", allowed_mentions=discord.AllowedMentions.none())
+
+
+ITEMS: tuple = ()

@@ -1,0 +1,127 @@
+"""The Discord bot: one ``commands.Bot`` with a cog per feature, fed by the scheduler's events.
+
+``serve`` is what ``loracord run`` calls: the bot, the scheduler and the web server in one
+process. Components carry their job (or draft) id in the ``custom_id`` and are ``DynamicItem``s,
+so buttons on old messages keep working after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import discord
+import yarl
+from discord.ext import commands
+from sqlite_utils import Database
+
+from .. import store
+from ..config import TOKEN_ENV, Config, ConfigError
+from ..scheduler import Scheduler
+from ..web import WebServer
+from . import admin, gen, library, state, train
+from .common import DEFAULT_UPLOAD_LIMIT
+from .progress import Coalescer
+
+log = logging.getLogger(__name__)
+COGS = (train, gen, library, admin)
+
+
+def point_discord_py(cfg: Config) -> None:
+    """Send REST calls and the gateway connection where ``[discord]`` says (a Discord-compatible
+    server in tests; Discord itself by default)."""
+    discord.http.Route.BASE = cfg.discord.api_base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(cfg.discord.gateway)
+
+
+class LoracordBot(commands.Bot):
+    def __init__(self, cfg: Config, db: Database, scheduler: Scheduler, web: WebServer, **options: Any):
+        intents = discord.Intents.default()
+        intents.message_content = True  # images and zips members post in their training thread
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False),
+            **options,
+        )
+        self.cfg, self.db, self.scheduler, self.web = cfg, db, scheduler, web
+        self.upload_limit = DEFAULT_UPLOAD_LIMIT  # updated from each interaction's attachment_size_limit
+        self.edits = Coalescer(self, cfg.discord.progress_seconds)
+        state.ensure_tables(db)
+
+    async def setup_hook(self) -> None:
+        for module in COGS:
+            await self.add_cog(module.Cog(self))
+            self.add_dynamic_items(*module.ITEMS)
+        self.scheduler.subscribe(self._job_event)
+        guilds = [discord.Object(g) for g in self.cfg.discord.guilds]
+        for guild in guilds:
+            self.tree.copy_global_to(guild=guild)
+            await self.tree.sync(guild=guild)
+        if not guilds:
+            await self.tree.sync()
+
+    async def _job_event(self, job: store.Job, event: Any) -> None:
+        if self.is_closed():
+            return
+        for cog in list(self.cogs.values()):
+            handler = getattr(cog, "on_job_event", None)
+            if handler is not None:
+                try:
+                    await handler(job, event)
+                except discord.HTTPException as e:
+                    log.warning("job %s: Discord refused an update (%s)", job.id, e)
+                except Exception:  # one cog's bug must not stop the others or the scheduler
+                    log.exception("job %s: updating Discord failed", job.id)
+
+    async def on_ready(self) -> None:
+        self.web.discord_connected = True
+        log.info("Discord: logged in as %s", self.user)
+
+    async def on_resumed(self) -> None:
+        self.web.discord_connected = True
+
+    async def on_disconnect(self) -> None:
+        self.web.discord_connected = False
+
+    async def on_app_command_error(self, ix: discord.Interaction, error: Exception) -> None:
+        log.exception("command %s failed", ix.command and ix.command.name, exc_info=error)
+
+    async def close(self) -> None:
+        if self._job_event in self.scheduler.listeners:
+            self.scheduler.listeners.remove(self._job_event)
+        await self.edits.drain()
+        self.edits.close()
+        self.web.discord_connected = False
+        await super().close()
+
+
+async def serve(cfg: Config, db: Database, scheduler: Scheduler, web: WebServer, stop: asyncio.Event) -> None:
+    """Run the bot with the scheduler until ``stop`` is set (the token is checked first)."""
+    token = cfg.discord_token()
+    point_discord_py(cfg)
+    bot = LoracordBot(cfg, db, scheduler, web)
+    web.discord_connected = False
+    tasks = [
+        asyncio.create_task(scheduler.run(stop), name="scheduler"),
+        asyncio.create_task(bot.start(token), name="discord"),
+    ]
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter:
+                task.result()  # a crash: raise it here
+    except discord.LoginFailure:
+        raise ConfigError(f"Discord refused the bot token: check {TOKEN_ENV} (or the token file)") from None
+    except discord.PrivilegedIntentsRequired:
+        raise ConfigError(
+            "Discord refused the Message Content intent: switch it on under Bot → Privileged Gateway "
+            "Intents in the developer portal (members post their images in threads)"
+        ) from None
+    finally:
+        stop.set()
+        await bot.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        waiter.cancel()

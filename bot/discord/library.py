@@ -1,0 +1,197 @@
+"""The members' LoRA libraries: a picked epoch becomes ``DATA/members/<id>/library/<name>.safetensors``
+(so A1111's ``<lora:name:w>`` matches the file), ``/loras`` lists own and shared ones with download
+links, share/unshare and delete. ``/gen`` finds LoRAs only here, by name, never by path."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from .. import store
+from ..files import member_path
+from . import state
+from .common import bot_of, clip, defer, member_id, say, size_text
+
+_MAX_LISTED = 20
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # same disk: no second copy of a large file
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def keep_epoch(
+    bot: commands.Bot, job: store.Job, epoch: int | None, lora_file: str | None = None
+) -> state.Lora:
+    """Put epoch ``epoch`` of training job ``job`` (or ``lora_file``) in its owner's library under the job's name."""
+    if lora_file is None:
+        arts = [a for a in store.artifacts(bot.db, job.id) if a["kind"] == "lora" and a["epoch"] == epoch]
+        if not arts:
+            raise LookupError(f"epoch {epoch} of job #{job.id} was not saved")
+        lora_file = arts[-1]["path"]
+    target = member_path(bot.cfg.data_dir, job.owner, "library", f"{job.name}.safetensors")
+    _link_or_copy(Path(lora_file), target)
+    bases = {v: k for k, v in bot.cfg.bases.items()}
+    old = state.get_lora(bot.db, job.owner, job.name)
+    lora = state.Lora(
+        owner=job.owner,
+        name=job.name,
+        path=str(target),
+        job_id=job.id,
+        epoch=epoch,
+        base=bases.get(job.spec_dict.get("base", "")),
+        shared=old.shared if old else 0,
+        size=target.stat().st_size,
+        created_at=time.time(),
+    )
+    state.put_lora(bot.db, lora)
+    return lora
+
+
+def resolve(db, member: str, name: str) -> state.Lora:
+    """A LoRA the member may use, by its library name: their own first, then one shared by others."""
+    name = name.strip()
+    choices = state.loras_for(db, member)
+    for lo in choices:
+        if lo.name == name or lo.name.casefold() == name.casefold():
+            return lo
+    mine = ", ".join(lo.name for lo in choices if lo.owner == member) or "none yet (train one with /train)"
+    raise LookupError(f"there is no LoRA named '{name}' in your library or shared with you. Yours: {mine}")
+
+
+async def lora_autocomplete(ix: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    me = member_id(ix.user)
+    out = []
+    for lo in state.loras_for(bot_of(ix).db, me):
+        if current.casefold() in lo.name.casefold():
+            label = lo.name if lo.owner == me else f"{lo.name} (shared)"
+            out.append(app_commands.Choice(name=label[:100], value=lo.name[:100]))
+    return out[:25]
+
+
+def _rowid(db, lo: state.Lora) -> int:
+    sql = "SELECT rowid FROM discord_library WHERE owner = ? AND name = ?"
+    return db.execute(sql, [lo.owner, lo.name]).fetchone()[0]
+
+
+def _by_rowid(db, rowid: int) -> state.Lora | None:
+    rows = list(db.query("SELECT owner, name FROM discord_library WHERE rowid = ?", [rowid]))
+    return state.get_lora(db, rows[0]["owner"], rows[0]["name"]) if rows else None
+
+
+def download_link(bot, path: str) -> str:
+    return bot.web.links.sign(path)
+
+
+class LoraButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"lc:l:(?P<row>\d+):(?P<action>share|unshare|del|dl)"
+):
+    LABELS = {"share": "Share", "unshare": "Unshare", "del": "Delete", "dl": "Download"}
+
+    def __init__(self, row: int, action: str) -> None:
+        style = discord.ButtonStyle.danger if action == "del" else discord.ButtonStyle.secondary
+        super().__init__(
+            discord.ui.Button(label=self.LABELS[action], style=style, custom_id=f"lc:l:{row}:{action}")
+        )
+        self.row_id, self.action = row, action
+
+    @classmethod
+    async def from_custom_id(cls, ix, item, match):  # noqa: ANN001 (discord.py's signature)
+        return cls(int(match["row"]), match["action"])
+
+    async def callback(self, ix: discord.Interaction) -> None:
+        bot = bot_of(ix)
+        lo = _by_rowid(bot.db, self.row_id)
+        if lo is None:
+            await say(ix, "That LoRA is no longer in the library.")
+            return
+        if lo.owner != member_id(ix.user) and not (self.action == "dl" and lo.shared):
+            await say(ix, f"Only its owner can change **{lo.name}**.")
+            return
+        if self.action == "dl":
+            await say(ix, f"**{lo.name}** ({size_text(lo.size)}): {download_link(bot, lo.path)}")
+        elif self.action in ("share", "unshare"):
+            state.set_shared(bot.db, lo.owner, lo.name, self.action == "share")
+            what = "shared with everyone here" if self.action == "share" else "private again"
+            await say(ix, f"**{lo.name}** is {what}.")
+        else:
+            state.delete_lora(bot.db, lo.owner, lo.name)
+            Path(lo.path).unlink(missing_ok=True)
+            await say(ix, f"**{lo.name}** was deleted from your library.")
+
+
+class LoraSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:ls:(?P<owner>\d+)"):
+    def __init__(self, owner: str, loras: list[tuple[int, state.Lora]] | None = None) -> None:
+        options = [
+            discord.SelectOption(label=lo.name[:100], value=str(row), description=size_text(lo.size))
+            for row, lo in (loras or [])[:25]
+        ] or [discord.SelectOption(label="-", value="0")]
+        super().__init__(
+            discord.ui.Select(custom_id=f"lc:ls:{owner}", placeholder="Manage one…", options=options)
+        )
+        self.owner = owner
+
+    @classmethod
+    async def from_custom_id(cls, ix, item, match):  # noqa: ANN001
+        return cls(match["owner"])
+
+    async def callback(self, ix: discord.Interaction) -> None:
+        bot = bot_of(ix)
+        lo = _by_rowid(bot.db, int(ix.data["values"][0]))
+        if lo is None or lo.owner != member_id(ix.user):
+            await say(ix, "That LoRA is not yours or no longer exists.")
+            return
+        row = _rowid(bot.db, lo)
+        view = discord.ui.View(timeout=None)
+        for action in ("dl", "unshare" if lo.shared else "share", "del"):
+            view.add_item(LoraButton(row, action))
+        where = "shared" if lo.shared else "private"
+        await say(ix, f"**{lo.name}** · epoch {lo.epoch or '-'} · {lo.base or '?'} · {where}", view=view)
+
+
+ITEMS = (LoraButton, LoraSelect)
+
+
+class Cog(commands.Cog, name="Cog_library"):
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+
+    @app_commands.command(name="loras", description="Your LoRAs and the ones shared with you")
+    async def loras(self, ix: discord.Interaction) -> None:
+        await defer(ix)
+        me = member_id(ix.user)
+        all_ = state.loras_for(self.bot.db, me)
+        mine = [lo for lo in all_ if lo.owner == me]
+        shared = [lo for lo in all_ if lo.owner != me]
+        if not all_:
+            await say(ix, "Your library is empty. Train a LoRA with `/train`; the epoch you pick lands here.")
+            return
+        lines = [
+            f"• **{_md(lo.name)}** · {size_text(lo.size)}{' · shared' if lo.shared else ''} · "
+            f"[download]({download_link(self.bot, lo.path)})"
+            for lo in mine[:_MAX_LISTED]
+        ]
+        lines += [f"• {_md(lo.name)} · by <@{lo.owner}>" for lo in shared[:_MAX_LISTED]]
+        embed = discord.Embed(title="LoRAs", description=clip("\n".join(lines), 4000))
+        embed.set_footer(text="Use one: /gen lora:NAME weight:0.8")
+        view = discord.ui.View(timeout=None)
+        if mine:
+            view.add_item(LoraSelect(me, [(_rowid(self.bot.db, lo), lo) for lo in mine]))
+        await ix.followup.send(embed=embed, view=view, ephemeral=True)
+
+
+def _md(text: str) -> str:
+    return re.sub(r"([*_`~|\\])", r"\\\1", text)

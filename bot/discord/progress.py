@@ -1,0 +1,52 @@
+"""Coalesced message edits: a busy GPU reports many times a second, a channel gets at most one
+edit of a message per ``[discord] progress_seconds``, always with the latest text."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import discord
+
+log = logging.getLogger(__name__)
+
+
+class Coalescer:
+    def __init__(self, client: discord.Client, interval: float):
+        self.client, self.interval = client, interval
+        self._pending: dict[tuple[int, int], dict[str, Any]] = {}
+        self._last: dict[tuple[int, int], float] = {}
+        self._tasks: dict[tuple[int, int], asyncio.Task] = {}
+
+    def edit(self, channel_id: int, message_id: int, **fields: Any) -> None:
+        """Ask for ``message.edit(**fields)``; an edit still waiting for its turn is replaced."""
+        key = (channel_id, message_id)
+        self._pending[key] = fields
+        task = self._tasks.get(key)
+        if task is None or task.done():
+            self._tasks[key] = asyncio.get_running_loop().create_task(self._flush(key))
+
+    async def _flush(self, key: tuple[int, int]) -> None:
+        while key in self._pending:
+            wait = self._last.get(key, 0.0) + self.interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            fields = self._pending.pop(key)
+            self._last[key] = time.monotonic()
+            message = self.client.get_partial_messageable(key[0]).get_partial_message(key[1])
+            try:
+                await message.edit(**fields)
+            except discord.HTTPException as e:  # a deleted message or thread: nothing to update
+                log.warning("progress message %s in %s not updated: %s", key[1], key[0], e)
+
+    async def drain(self) -> None:
+        """Wait for every edit asked for so far (tests, and a clean shutdown)."""
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()

@@ -1,0 +1,203 @@
+"""What the Discord side remembers beside the jobs: draft datasets and their threads, where each
+job's messages are, and the members' LoRA libraries.
+
+Tables of their own in the bot's SQLite store (created if missing), so a restart finds every card,
+progress message and library entry again; jobs themselves stay in ``bot.store``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlite_utils import Database
+
+
+def ensure_tables(db: Database) -> None:
+    db["discord_drafts"].create(
+        {
+            "id": int,
+            "owner": str,
+            "name": str,  # the LoRA's name, as the member typed it
+            "base": str,  # a [bases] name
+            "thread_id": int,
+            "card_id": int,  # the dataset card message
+            "settings": str,  # JSON: trigger_word, preset and what the member set
+            "job_id": int,  # the training job once started
+            "tag_job_id": int,
+            "progress_id": int,  # the progress message once started
+            "created_at": float,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["discord_drafts"].create_index(["thread_id"], if_not_exists=True)
+    db["discord_drafts"].create_index(["job_id"], if_not_exists=True)
+    db["discord_posts"].create(
+        {"job_id": int, "channel_id": int, "message_id": int, "spoiler": int}, pk="job_id", if_not_exists=True
+    )
+    db["discord_library"].create(
+        {
+            "owner": str,
+            "name": str,
+            "path": str,
+            "job_id": int,
+            "epoch": int,
+            "base": str,
+            "shared": int,
+            "size": int,
+            "created_at": float,
+        },
+        pk=("owner", "name"),
+        if_not_exists=True,
+    )
+
+
+@dataclass
+class Draft:
+    id: int
+    owner: str
+    name: str
+    base: str
+    thread_id: int
+    card_id: int | None
+    settings: str
+    job_id: int | None
+    tag_job_id: int | None
+    progress_id: int | None
+    created_at: float
+
+    @property
+    def settings_dict(self) -> dict[str, Any]:
+        return json.loads(self.settings)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset folder's name under the member's datasets: the draft id, never member text."""
+        return str(self.id)
+
+
+_DRAFT = [f.name for f in fields(Draft)]
+
+
+def _draft(rows: list[dict[str, Any]]) -> Draft | None:
+    return Draft(**{k: rows[0][k] for k in _DRAFT}) if rows else None
+
+
+def new_draft(
+    db: Database, owner: str, name: str, base: str, thread_id: int, settings: dict[str, Any]
+) -> Draft:
+    row = {
+        "owner": owner,
+        "name": name,
+        "base": base,
+        "thread_id": thread_id,
+        "settings": json.dumps(settings, ensure_ascii=False),
+        "created_at": time.time(),
+    }
+    draft_id = db["discord_drafts"].insert(row).last_pk
+    return get_draft(db, draft_id)
+
+
+def get_draft(db: Database, draft_id: int) -> Draft | None:
+    return _draft(list(db.query("SELECT * FROM discord_drafts WHERE id = ?", [draft_id])))
+
+
+def draft_in_thread(db: Database, thread_id: int) -> Draft | None:
+    return _draft(list(db.query("SELECT * FROM discord_drafts WHERE thread_id = ?", [thread_id])))
+
+
+def draft_of_job(db: Database, job_id: int) -> Draft | None:
+    sql = "SELECT * FROM discord_drafts WHERE job_id = ? OR tag_job_id = ?"
+    return _draft(list(db.query(sql, [job_id, job_id])))
+
+
+def latest_draft(db: Database, owner: str) -> Draft | None:
+    sql = "SELECT * FROM discord_drafts WHERE owner = ? AND job_id IS NULL ORDER BY id DESC LIMIT 1"
+    return _draft(list(db.query(sql, [owner])))
+
+
+def update_draft(db: Database, draft_id: int, **values: Any) -> Draft:
+    if "settings" in values:
+        values["settings"] = json.dumps(values["settings"], ensure_ascii=False)
+    db["discord_drafts"].update(draft_id, values)
+    return get_draft(db, draft_id)
+
+
+def drafts_of(db: Database, owner: str) -> list[Draft]:
+    return [
+        Draft(**{k: r[k] for k in _DRAFT})
+        for r in db.query("SELECT * FROM discord_drafts WHERE owner = ?", [owner])
+    ]
+
+
+def delete_drafts(db: Database, owner: str) -> None:
+    db.execute("DELETE FROM discord_drafts WHERE owner = ?", [owner])
+
+
+# ---- where a job's result goes ----
+
+
+def set_post(db: Database, job_id: int, channel_id: int, message_id: int | None, spoiler: bool) -> None:
+    db["discord_posts"].upsert(
+        {"job_id": job_id, "channel_id": channel_id, "message_id": message_id, "spoiler": int(spoiler)},
+        pk="job_id",
+    )
+
+
+def get_post(db: Database, job_id: int) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT * FROM discord_posts WHERE job_id = ?", [job_id]))
+    return rows[0] if rows else None
+
+
+# ---- the LoRA library ----
+
+
+@dataclass
+class Lora:
+    owner: str
+    name: str
+    path: str
+    job_id: int | None
+    epoch: int | None
+    base: str | None
+    shared: int
+    size: int
+    created_at: float
+
+
+_LORA = [f.name for f in fields(Lora)]
+
+
+def put_lora(db: Database, lora: Lora) -> None:
+    db["discord_library"].upsert({k: getattr(lora, k) for k in _LORA}, pk=("owner", "name"))
+
+
+def loras_for(db: Database, member: str) -> list[Lora]:
+    """The member's own LoRAs, then those others shared, each list by name."""
+    sql = (
+        "SELECT * FROM discord_library WHERE owner = ? OR shared = 1 "
+        "ORDER BY owner != ?, name COLLATE NOCASE, created_at"
+    )
+    return [Lora(**{k: r[k] for k in _LORA}) for r in db.query(sql, [member, member])]
+
+
+def get_lora(db: Database, owner: str, name: str) -> Lora | None:
+    rows = list(db.query("SELECT * FROM discord_library WHERE owner = ? AND name = ?", [owner, name]))
+    return Lora(**{k: rows[0][k] for k in _LORA}) if rows else None
+
+
+def set_shared(db: Database, owner: str, name: str, shared: bool) -> None:
+    db.execute(
+        "UPDATE discord_library SET shared = ? WHERE owner = ? AND name = ?", [int(shared), owner, name]
+    )
+
+
+def delete_lora(db: Database, owner: str, name: str | None = None) -> list[Lora]:
+    """Remove one entry (or all of a member's); returns what was removed so its files can go too."""
+    gone = [lo for lo in loras_for(db, owner) if lo.owner == owner and name in (None, lo.name)]
+    for lo in gone:
+        db.execute("DELETE FROM discord_library WHERE owner = ? AND name = ?", [owner, lo.name])
+    return gone
