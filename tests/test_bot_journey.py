@@ -10,7 +10,6 @@ import contextlib
 import functools
 import io
 
-import discord
 from botutil import write_config
 from discord_stub import DiscordStub, Upload
 from PIL import Image
@@ -71,7 +70,9 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
     async with stub, server(tmp_path, stub) as (cfg, db, scheduler, web):
         alice, bob = stub.add_member("alice"), stub.add_member("bob")
         async with stub.running(new_bot(cfg, db, scheduler, web)):
-            ix = await stub.command(alice, "train", {"name": "キャラ", "trigger": "sks", "preset": "character", "base": "tiny"})
+            ix = await stub.command(
+                alice, "train", {"name": "キャラ", "trigger": "sks", "preset": "character", "base": "tiny"}
+            )
             assert (await ix.original_message()).ephemeral
             thread = stub.threads()[-1]
             tid = int(thread["id"])
@@ -79,17 +80,31 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
             card = card[0]
             assert card.custom_ids() == [f"lc:d:1:{a}" for a in ("tag", "set", "start", "drop")]
 
-            files = [Upload("a.png", png((200, 30, 30))), Upload("b.png", png((30, 30, 200))), Upload("bad.png", b"not a png")]
+            files = [
+                Upload("a.png", png((200, 30, 30))),
+                Upload("b.png", png((30, 30, 200))),
+                Upload("bad.png", b"not a png"),
+            ]
             await stub.post_message(alice, tid, "my pics", files=files)
-            await stub.wait_until(lambda: card.embeds and "**2** images" in card.embeds[0]["description"], what="card update")
-            problems = await stub.wait_until(lambda: message_with(stub, tid, "need a look"), what="intake problems")
+            await stub.wait_until(
+                lambda: card.embeds and "**2** images" in card.embeds[0]["description"], what="card update"
+            )
+            problems = await stub.wait_until(
+                lambda: message_with(stub, tid, "need a look"), what="intake problems"
+            )
             assert "bad.png" in problems.content
 
             refused = await stub.click(bob, card, "lc:d:1:start")
             assert "Only" in (await refused.original_message()).content
 
             opened = await stub.click(alice, card, "lc:d:1:set")
-            values = {"Epochs": "2", "Repeats per image": "1", "Dim / alpha": "4/2", "Learning rate": "1e-3", "Resolution": "64"}
+            values = {
+                "Epochs": "2",
+                "Repeats per image": "1",
+                "Dim / alpha": "4/2",
+                "Learning rate": "1e-3",
+                "Resolution": "64",
+            }
             await (await stub.submit_modal(alice, opened, values)).original_message()
             for key, value in (("mixed_precision", "no"), ("sample_steps", "2"), ("train_batch_size", "1")):
                 done = await stub.command(alice, "train-set", {"key": key, "value": value}, channel_id=tid)
@@ -98,7 +113,9 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
 
             start = await stub.click(alice, card, "lc:d:1:start")
             assert "Queued as job" in (await start.original_message()).content
-            ready = await stub.wait_until(lambda: message_with(stub, tid, "is ready"), 180, "the end of training")
+            ready = await stub.wait_until(
+                lambda: message_with(stub, tid, "is ready"), 180, "the end of training"
+            )
             assert ready.files and "epoch 2 is in your library" in ready.content
             first = message_with(stub, tid, "epoch 1 saved")
             assert first.files and first.custom_ids() == ["lc:j:1:use:1", "lc:j:1:dl:1"]
@@ -112,17 +129,29 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
             pick = await stub.click(alice, first, "lc:j:1:use:1")
             assert "now epoch 1" in (await pick.original_message()).content
 
-            gen = await stub.command(alice, "gen", {"prompt": "sks, red", "lora": "キャラ", "weight": 0.8, "steps": 2, "seed": 7})
+            gen = await stub.command(
+                alice, "gen", {"prompt": "sks, red", "lora": "キャラ", "weight": 0.8, "steps": 2, "seed": 7}
+            )
             assert "Queued" in (await gen.original_message()).content
             images = await stub.wait_until(
-                lambda: next((m for m in stub.channel_messages(stub.general) if m.files), None), 120, "the images"
+                lambda: next((m for m in stub.channel_messages(stub.general) if m.files), None),
+                120,
+                "the images",
             )
             info = await stub.click(alice, images, "lc:g:2:info")
             text = (await info.original_message()).content
             assert "<lora:キャラ:0.8>" in text and "Seed: 7" in text
             assert parse_parameters(text.strip("`\n")).fields["Steps"] == "2"
 
-            up = await stub.click(bob, images, "lc:g:2:up")  # others may re-roll a LoRA they can use? not shared
+            stronger = await stub.click(alice, images, "lc:g:2:up")
+            assert "Queued" in (await stronger.original_message()).content
+            again = await stub.wait_until(
+                lambda: [m for m in stub.channel_messages(stub.general) if m.files][1:], 120, "the re-roll"
+            )
+            info = await stub.click(alice, again[0], "lc:g:3:info")
+            assert "<lora:キャラ:0.9>" in (await info.original_message()).content
+
+            up = await stub.click(bob, images, "lc:g:2:up")  # alice has not shared キャラ
             assert "no LoRA named" in (await up.original_message()).content
             delete = await stub.click(bob, images, "lc:g:2:del")
             assert "Only" in (await delete.original_message()).content
