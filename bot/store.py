@@ -93,7 +93,50 @@ def _m1_schema(db: Database) -> None:
     db["settings"].create({"key": str, "value": str}, pk="key")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema]
+def _m2_discord(db: Database) -> None:
+    """The Discord side's tables: draft datasets and their threads, where each job's result is
+    posted, the members' LoRA libraries. ``if_not_exists``: bots before this migration made them
+    at start-up."""
+    db["discord_drafts"].create(
+        {
+            "id": int,
+            "owner": str,
+            "name": str,  # the LoRA's name, as the member typed it
+            "base": str,  # a [bases] name
+            "thread_id": int,
+            "card_id": int,  # the dataset card message
+            "settings": str,  # JSON: trigger, preset, repeats, tags to remove, training overrides
+            "job_id": int,  # the training job once started
+            "tag_job_id": int,
+            "progress_id": int,  # the progress message once started
+            "created_at": float,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["discord_drafts"].create_index(["thread_id"], if_not_exists=True)
+    db["discord_drafts"].create_index(["job_id"], if_not_exists=True)
+    db["discord_posts"].create(
+        {"job_id": int, "channel_id": int, "message_id": int, "spoiler": int}, pk="job_id", if_not_exists=True
+    )
+    db["discord_library"].create(
+        {
+            "owner": str,
+            "name": str,
+            "path": str,
+            "job_id": int,
+            "epoch": int,
+            "base": str,
+            "shared": int,
+            "size": int,
+            "created_at": float,
+        },
+        pk=("owner", "name"),
+        if_not_exists=True,
+    )
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema, _m2_discord]
 
 
 def open_store(path: str | Path) -> Database:

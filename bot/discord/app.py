@@ -20,7 +20,7 @@ from .. import store
 from ..config import TOKEN_ENV, Config, ConfigError
 from ..scheduler import Scheduler
 from ..web import WebServer
-from . import admin, gen, library, state, train
+from . import admin, gen, library, train
 from .common import DEFAULT_UPLOAD_LIMIT
 from .progress import Coalescer
 
@@ -48,7 +48,6 @@ class LoracordBot(commands.Bot):
         self.cfg, self.db, self.scheduler, self.web = cfg, db, scheduler, web
         self.upload_limit = DEFAULT_UPLOAD_LIMIT  # updated from each interaction's attachment_size_limit
         self.edits = Coalescer(self, cfg.discord.progress_seconds)
-        state.ensure_tables(db)
 
     async def setup_hook(self) -> None:
         for module in COGS:

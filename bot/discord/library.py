@@ -82,16 +82,6 @@ async def lora_autocomplete(ix: discord.Interaction, current: str) -> list[app_c
     return out[:25]
 
 
-def _rowid(db, lo: state.Lora) -> int:
-    sql = "SELECT rowid FROM discord_library WHERE owner = ? AND name = ?"
-    return db.execute(sql, [lo.owner, lo.name]).fetchone()[0]
-
-
-def _by_rowid(db, rowid: int) -> state.Lora | None:
-    rows = list(db.query("SELECT owner, name FROM discord_library WHERE rowid = ?", [rowid]))
-    return state.get_lora(db, rows[0]["owner"], rows[0]["name"]) if rows else None
-
-
 def download_link(bot, path: str) -> str:
     return bot.web.links.sign(path)
 
@@ -114,7 +104,7 @@ class LoraButton(
 
     async def callback(self, ix: discord.Interaction) -> None:
         bot = bot_of(ix)
-        lo = _by_rowid(bot.db, self.row_id)
+        lo = state.lora_by_rowid(bot.db, self.row_id)
         if lo is None:
             await say(ix, "That LoRA is no longer in the library.")
             return
@@ -150,11 +140,11 @@ class LoraSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:ls:(?P
 
     async def callback(self, ix: discord.Interaction) -> None:
         bot = bot_of(ix)
-        lo = _by_rowid(bot.db, int(ix.data["values"][0]))
+        lo = state.lora_by_rowid(bot.db, int(ix.data["values"][0]))
         if lo is None or lo.owner != member_id(ix.user):
             await say(ix, "That LoRA is not yours or no longer exists.")
             return
-        row = _rowid(bot.db, lo)
+        row = state.lora_rowid(bot.db, lo)
         view = discord.ui.View(timeout=None)
         for action in ("dl", "unshare" if lo.shared else "share", "del"):
             view.add_item(LoraButton(row, action))
@@ -189,7 +179,7 @@ class Cog(commands.Cog, name="Cog_library"):
         embed.set_footer(text="Use one: /gen lora:NAME weight:0.8")
         view = discord.ui.View(timeout=None)
         if mine:
-            view.add_item(LoraSelect(me, [(_rowid(self.bot.db, lo), lo) for lo in mine]))
+            view.add_item(LoraSelect(me, [(state.lora_rowid(self.bot.db, lo), lo) for lo in mine]))
         await ix.followup.send(embed=embed, view=view, ephemeral=True)
 
 

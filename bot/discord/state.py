@@ -1,8 +1,8 @@
 """What the Discord side remembers beside the jobs: draft datasets and their threads, where each
 job's messages are, and the members' LoRA libraries.
 
-Tables of their own in the bot's SQLite store (created if missing), so a restart finds every card,
-progress message and library entry again; jobs themselves stay in ``bot.store``.
+Tables of their own in the bot's SQLite store (their schema is a migration in ``bot.store``), so a
+restart finds every card, progress message and library entry again; jobs themselves stay there too.
 """
 
 from __future__ import annotations
@@ -13,46 +13,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sqlite_utils import Database
-
-
-def ensure_tables(db: Database) -> None:
-    db["discord_drafts"].create(
-        {
-            "id": int,
-            "owner": str,
-            "name": str,  # the LoRA's name, as the member typed it
-            "base": str,  # a [bases] name
-            "thread_id": int,
-            "card_id": int,  # the dataset card message
-            "settings": str,  # JSON: trigger_word, preset and what the member set
-            "job_id": int,  # the training job once started
-            "tag_job_id": int,
-            "progress_id": int,  # the progress message once started
-            "created_at": float,
-        },
-        pk="id",
-        if_not_exists=True,
-    )
-    db["discord_drafts"].create_index(["thread_id"], if_not_exists=True)
-    db["discord_drafts"].create_index(["job_id"], if_not_exists=True)
-    db["discord_posts"].create(
-        {"job_id": int, "channel_id": int, "message_id": int, "spoiler": int}, pk="job_id", if_not_exists=True
-    )
-    db["discord_library"].create(
-        {
-            "owner": str,
-            "name": str,
-            "path": str,
-            "job_id": int,
-            "epoch": int,
-            "base": str,
-            "shared": int,
-            "size": int,
-            "created_at": float,
-        },
-        pk=("owner", "name"),
-        if_not_exists=True,
-    )
 
 
 @dataclass
@@ -133,6 +93,10 @@ def drafts_of(db: Database, owner: str) -> list[Draft]:
     ]
 
 
+def delete_draft(db: Database, draft_id: int) -> None:
+    db.execute("DELETE FROM discord_drafts WHERE id = ?", [draft_id])
+
+
 def delete_drafts(db: Database, owner: str) -> None:
     db.execute("DELETE FROM discord_drafts WHERE owner = ?", [owner])
 
@@ -186,6 +150,17 @@ def loras_for(db: Database, member: str) -> list[Lora]:
 
 def get_lora(db: Database, owner: str, name: str) -> Lora | None:
     rows = list(db.query("SELECT * FROM discord_library WHERE owner = ? AND name = ?", [owner, name]))
+    return Lora(**{k: rows[0][k] for k in _LORA}) if rows else None
+
+
+def lora_rowid(db: Database, lora: Lora) -> int:
+    """A short, stable handle for a library entry in a ``custom_id`` (names can be 80 characters)."""
+    sql = "SELECT rowid FROM discord_library WHERE owner = ? AND name = ?"
+    return db.execute(sql, [lora.owner, lora.name]).fetchone()[0]
+
+
+def lora_by_rowid(db: Database, rowid: int) -> Lora | None:
+    rows = list(db.query("SELECT * FROM discord_library WHERE rowid = ?", [rowid]))
     return Lora(**{k: rows[0][k] for k in _LORA}) if rows else None
 
 

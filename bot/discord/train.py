@@ -604,7 +604,7 @@ class Cog(commands.Cog, name="Cog_train"):
                 self.edit_progress(draft, "⏹️ Cancelled before it started.")
             return
         shutil.rmtree(dataset_dir(self.bot, draft), ignore_errors=True)
-        self.bot.db.execute("DELETE FROM discord_drafts WHERE id = ?", [draft.id])
+        state.delete_draft(self.bot.db, draft.id)
         message = self.bot.get_partial_messageable(draft.thread_id).get_partial_message(draft.card_id)
         await message.edit(content="Discarded.", embed=None, attachments=[], view=None)
         await say(ix, "The dataset was discarded.")
