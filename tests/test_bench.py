@@ -58,6 +58,9 @@ def test_every_trainer_sees_the_same_images_and_captions(tmp_path):
 
 def test_runner_on_a_tiny_base_writes_a_record_for_every_step(tmp_path):
     out = tmp_path / "results"
+    # Kept short: /gen (it trains three LoRAs first) and the fixed-step throughput run are left out;
+    # the end-to-end run goes through the same script, and the cpu profile runs them all.
+    only = ["prepare", "end to end", "diffusers", "kohya", "intake", "scheduler", "discord"]
     cmd = [
         sys.executable,
         "-m",
@@ -73,17 +76,17 @@ def test_runner_on_a_tiny_base_writes_a_record_for_every_step(tmp_path):
         str(tmp_path / "work"),
         "--budget-s",
         "600",
+        "--only",
+        *only,
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     records = json.loads((out / "results-tiny.json").read_text())
     by_step = {r["step"]: r for r in records}
     assert [r for r in records if "error" in r] == []
-    train = by_step["loracord sd15"]
-    assert train["metric"] == "train" and train["settings"]["steps"] == 6 and train["samples_per_s"] > 0
-    assert train["machine"]["host_cpus"] >= 1 and "torch" in train["versions"]
     e2e = by_step["end to end sd15"]
-    assert e2e["first_preview_s"] is not None and e2e["settings"]["epochs"] == 1
-    assert {"cold_s", "warm_s", "new_lora_s", "swap_s"} <= set(by_step["gen sd15"])
+    assert e2e["metric"] == "train" and e2e["settings"]["epochs"] == 1 and e2e["settings"]["steps"] == 4
+    assert e2e["first_preview_s"] is not None and e2e["samples_per_s"] is None  # 4 steps: all warm-up
+    assert e2e["machine"]["host_cpus"] >= 1 and "torch" in e2e["versions"]
     assert by_step["intake"]["images_per_s_zip"] > 0
     assert by_step["scheduler 5"]["per_job_ms"] > 0
     # What could not run says why instead of vanishing from the table.
