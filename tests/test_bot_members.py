@@ -278,6 +278,7 @@ def trained(h) -> Trained:
         jobs["a2"] = await start(a2)
         jobs["b1"] = await start(b1)
         queued = {k: message_with(stub, d.thread, "in line").content for k, d in (("a2", a2), ("b1", b1))}
+        queued["bob's /queue"] = (await answer(await stub.command(bob, "queue"))).content
         refusals["cancel"] = await answer(await stub.click(bob, a2.card, a2.button("drop")))
         for d in (a1, b1, a2):
             await stub.wait_until(lambda d=d: message_with(stub, d.thread, "is ready"), 180, "training's end")
@@ -295,6 +296,10 @@ def test_two_members_train_in_fair_turns_and_see_only_their_own(h, trained):
     assert all(j.state == "done" for j in runs.values())
     # alice's second job waited although it was queued before bob's: bob had used no GPU time yet
     assert "#1 in line" in t.queued_text["b1"]
+    mine = t.queued_text["bob's /queue"]  # what runs now, and only his own place in line
+    assert (
+        "Waiting**: 2 job(s)" in mine and "ボブ" in mine and "#1 in line" in mine and "alice-two" not in mine
+    )
     assert runs["a1"].started_at < runs["b1"].started_at < runs["a2"].started_at
     ready = {k: message_with(stub, getattr(t, k).thread, "is ready") for k in ("b1", "a2")}
     assert ready["b1"].id < ready["a2"].id
