@@ -1,12 +1,19 @@
 """The bot's refusals on the Discord stub (no worker runs): LoRAs only by library name, never by
-path; NSFW policy; quota refusal; a click on a job that no longer exists; admin-only commands."""
+path; NSFW policy; quota refusal; a click on a job that no longer exists; admin-only commands; and a
+store from an older bot brought up to date."""
 
 from __future__ import annotations
+
+import sqlite3
 
 import discord
 import pytest
 from discord_stub import DiscordStub
+from sqlite_utils import Database
 from test_bot_journey import async_test, new_bot, server
+
+from bot import store
+from bot.discord import state
 
 
 @async_test
@@ -67,3 +74,16 @@ async def bot_message_with_button(stub: DiscordStub, channel_id: int):
         ],
     }
     return stub._new_message(channel_id, payload, [])
+
+
+def test_a_store_whose_discord_tables_the_bot_made_at_start_up_is_migrated_in_place(tmp_path):
+    path = tmp_path / "old.db"
+    old = Database(sqlite3.connect(path, isolation_level=None))
+    store.MIGRATIONS[0](old)
+    store.MIGRATIONS[1](old)  # as bots before migration 2 made the tables, with user_version left at 1
+    old.execute("PRAGMA user_version = 1")
+    draft = state.new_draft(old, "42", "キャラ", "tiny", 7, {"trigger": "sks"})
+    old.conn.close()
+    db = store.open_store(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(store.MIGRATIONS)
+    assert state.draft_in_thread(db, 7) == draft
