@@ -13,7 +13,7 @@ import contextlib
 import io
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -397,4 +397,34 @@ def test_gen_on_a_shared_lora_only_while_it_is_shared(h, trained):
         assert "no LoRA named 'アリス'" in await bob_gen()
 
     h.run(scenario())
+    assert stub.violations == []
+
+
+def test_previews_over_a_lowered_upload_limit_come_as_spoilered_links(h):
+    """The server lost its boost: Discord's limit drops, and the bot learns it from the next interaction."""
+    stub, bob = h.stub, h.bob
+    small = 16 * 1024  # under the tiny model's preview grids and contact sheets
+
+    async def scenario():
+        draft = await open_draft(h, bob, "ボブ small")
+        await post(h, draft, [Upload("x.png", png((200, 90, 40))), Upload("y.png", png((40, 90, 200)))], 2)
+        assert draft.card.files == [] and "image" not in draft.card.embeds[0]  # the sheet is left out
+        await configure(h, draft, sample_steps="2")
+        await (await stub.click(bob, draft.card, draft.button("start"))).ack()
+        ready = await stub.wait_until(lambda: message_with(stub, draft.thread, "is ready"), 60, "the end")
+        epoch = message_with(stub, draft.thread, "epoch 1 saved")
+        async with aiohttp.ClientSession() as http:
+            for message in (epoch, ready):
+                assert not message.files
+                url = re.search(r"\|\|(https?://\S+)\|\|", message.content)[1]
+                async with http.get(url) as r:
+                    picture = await r.read()
+                    assert r.status == 200 and picture.startswith(b"\x89PNG") and len(picture) > small
+
+    original = stub.limits
+    stub.limits = replace(original, upload_bytes=small)
+    try:
+        h.run(scenario())
+    finally:
+        stub.limits = original
     assert stub.violations == []

@@ -97,6 +97,19 @@ def image_file(path: str | Path, spoiler: bool, name: str | None = None) -> disc
     return discord.File(io.BytesIO(p.read_bytes()), name or p.name, spoiler=spoiler)
 
 
+def files_or_links(bot: LoracordBot, paths: list[str], spoiler: bool) -> tuple[list[discord.File], list[str]]:
+    """Attachments for the files within the upload limit; signed links (spoilered like the
+    files) for the rest, which Discord would refuse."""
+    files, links = [], []
+    for path in paths:
+        if Path(path).stat().st_size <= bot.upload_limit:
+            files.append(image_file(path, spoiler))
+        else:
+            link = bot.web.links.sign(path)
+            links.append(f"||{link}||" if spoiler else link)
+    return files, links
+
+
 def bar(fraction: float, width: int = 10) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "▰" * filled + "▱" * (width - filled)

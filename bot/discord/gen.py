@@ -4,7 +4,6 @@ Re-roll, Weight −/+, Info (the A1111 parameters) and Delete (owner only)."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import discord
@@ -21,7 +20,7 @@ from .common import (
     clip,
     defer,
     duration,
-    image_file,
+    files_or_links,
     member_id,
     nsfw_mode,
     owned_job,
@@ -218,14 +217,7 @@ class Cog(commands.Cog, name="Cog_gen"):
             return
         if not isinstance(event, ImagesEvent):
             return
-        limit = self.bot.upload_limit
-        files, links = [], []
-        for path in event.images[:10]:
-            size = os.path.getsize(path)
-            if size <= limit:
-                files.append(image_file(path, bool(post["spoiler"])))
-            else:
-                links.append(self.bot.web.links.sign(path))
+        files, links = files_or_links(self.bot, event.images[:10], bool(post["spoiler"]))
         prompt = clip(parse_parameters(event.parameters[0]).prompt, 300)
         text = clip(f"<@{job.owner}> {prompt}" + "".join(f"\n{u}" for u in links))
         message = await channel.send(text, files=files, view=result_view(job.id), allowed_mentions=mention)

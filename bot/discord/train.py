@@ -46,6 +46,7 @@ from .common import (
     defer,
     duration,
     edit_modal_or_message,
+    files_or_links,
     image_file,
     member_id,
     nsfw_mode,
@@ -140,7 +141,8 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
     embed = discord.Embed(title=clip(f"LoRA · {draft.name}", 256), description="\n".join(lines))
     files = []
     sheets = sorted((folder / ".intake").glob("contact_sheet*")) if folder.is_dir() else []
-    if sheets and sub is not None:
+    # A sheet over the upload limit is left out: the card still counts the images.
+    if sheets and sub is not None and sheets[0].stat().st_size <= bot.upload_limit:
         files.append(image_file(sheets[0], False, "contact" + sheets[0].suffix))
         embed.set_image(url=f"attachment://contact{sheets[0].suffix}")
     view = discord.ui.View(timeout=None)
@@ -747,16 +749,17 @@ class Cog(commands.Cog, name="Cog_train"):
         view.add_item(JobButton(job.id, "use", event.epoch))
         view.add_item(JobButton(job.id, "dl", event.epoch))
         spoiler = self._spoiler(draft.thread_id)
-        files, note = [], ""
+        files, links, note = [], [], ""
         if event.sample_images and spoiler is not None:
             out = Path(event.lora_file).parent / f"preview-{event.epoch:06d}.png"
             await asyncio.to_thread(
                 _grid, [event.sample_images], [f"epoch {event.epoch}"], event.sample_prompts, out
             )
-            files.append(image_file(out, spoiler))
+            files, links = files_or_links(self.bot, [str(out)], spoiler)
         elif event.sample_images:
             note = " (previews are not shown in channels that are not marked NSFW)"
-        await thread.send(f"📦 **{draft.name}** · epoch {event.epoch} saved{note}", files=files, view=view)
+        text = f"📦 **{draft.name}** · epoch {event.epoch} saved{note}" + "".join(f"\n{u}" for u in links)
+        await thread.send(text, files=files, view=view)
 
     async def _post_done(
         self, job: store.Job, draft: state.Draft, thread: discord.PartialMessageable, event: DoneEvent
@@ -770,7 +773,7 @@ class Cog(commands.Cog, name="Cog_train"):
         self.edit_progress(
             draft, f"✅ **{draft.name}** finished: {event.steps} steps in {duration(event.seconds)}."
         )
-        files = []
+        files, links = [], []
         spoiler = self._spoiler(draft.thread_id)
         with_images = [e for e in epochs if e.get("sample_images")]
         if with_images and spoiler is not None:
@@ -783,7 +786,7 @@ class Cog(commands.Cog, name="Cog_train"):
                 with_images[-1]["sample_prompts"],
                 out,
             )
-            files.append(image_file(out, spoiler))
+            files, links = files_or_links(self.bot, [str(out)], spoiler)
         view = discord.ui.View(timeout=None)
         if numbers:
             view.add_item(EpochSelect(job.id, numbers))
@@ -791,7 +794,7 @@ class Cog(commands.Cog, name="Cog_train"):
         text = (
             f"<@{job.owner}> **{draft.name}** is ready: epoch {kept.epoch} is in your library. "
             f"Pick another below, or try it: `/gen lora:{draft.name} weight:0.8`"
-        )
+        ) + "".join(f"\n{u}" for u in links)
         mention = discord.AllowedMentions(users=[discord.Object(int(job.owner))])
         await thread.send(clip(text), files=files, view=view, allowed_mentions=mention)
 
