@@ -13,17 +13,19 @@ import contextlib
 import io
 import re
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
 import pytest
 from discord_rules import Limits
 from discord_stub import DiscordStub, StubMessage, StubUser, Upload
+from sqlite_utils import Database
 from test_bot_journey import message_with, new_bot, png, server
 
 from bot import store
 from bot.discord import state
+from bot.web import WebServer
 
 UPLOAD_LIMIT = 128 * 1024  # under a dim-8 LoRA of the tiny model, over its previews and contact sheets
 FAST = {"mixed_precision": "no", "train_batch_size": "1"}
@@ -33,8 +35,8 @@ FAST = {"mixed_precision": "no", "train_batch_size": "1"}
 class Harness:
     runner: asyncio.Runner
     stub: DiscordStub
-    db: object
-    web: object
+    db: Database
+    web: WebServer
     data: Path
     tagger: Path
     alice: StubUser
@@ -77,7 +79,6 @@ class Draft:
     thread: int
     card: StubMessage
     owner: StubUser
-    answers: dict[str, StubMessage] = field(default_factory=dict)
 
     def button(self, action: str) -> str:
         return f"lc:d:{self.id}:{action}"
@@ -116,14 +117,18 @@ async def configure(h: Harness, draft: Draft, **settings: str) -> None:
         assert "saved" in (await answer(ix)).content
 
 
-def captions(h: Harness, member: StubUser, draft: Draft) -> dict[str, str]:
-    folder = h.data / "members" / str(member.id) / "datasets" / str(draft.id)
-    return {p.name: p.read_text(encoding="utf-8").strip() for p in sorted(folder.glob("*_img/*.txt"))}
+def dataset(h: Harness, draft: Draft, pattern: str = "*") -> list[Path]:
+    """The files of the draft's kohya folder, on the bot's disk."""
+    folder = h.data / "members" / str(draft.owner.id) / "datasets" / str(draft.id)
+    return sorted(folder.glob(f"*_img/{pattern}"))
 
 
-def dataset_files(h: Harness, member: StubUser, draft: Draft) -> dict[str, bytes]:
-    folder = h.data / "members" / str(member.id) / "datasets" / str(draft.id)
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*_img/*"))}
+def contents(h: Harness, draft: Draft) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in dataset(h, draft)}
+
+
+def captions(h: Harness, draft: Draft) -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8").strip() for p in dataset(h, draft, "*.txt")}
 
 
 def texts(stub: DiscordStub, channel_id: int) -> str:
@@ -140,14 +145,8 @@ def texts(stub: DiscordStub, channel_id: int) -> str:
 # The tiny tagger scores tag i with channel i % 3 (BGR) of its 4×4 input: a plain colour picks tags
 # by channel. Red (i % 3 == 2): a character and a subject tag (the suggested removals) and 14 more;
 # green: 16 tags; blue: 16 that never fire.
-TAGS = [
-    ("ayaka", 4)
-    if i == 2
-    else ("long_hair", 0)
-    if i == 5
-    else (f"{('blue', 'green', 'crimson')[i % 3]}_{i}", 0)
-    for i in range(48)
-]
+TAGS = [(f"{('blue', 'green', 'crimson')[i % 3]}_{i}", 0) for i in range(48)]
+TAGS[2], TAGS[5] = ("ayaka", 4), ("long_hair", 0)
 
 
 def test_auto_tag_pages_suggestions_and_removal(h):
@@ -184,11 +183,11 @@ def test_auto_tag_pages_suggestions_and_removal(h):
             lambda: rest[-1] in state.get_draft(h.db, draft.id).settings_dict["remove"], what="the pick"
         )
 
-        before = captions(h, alice, draft)
+        before = captions(h, draft)
         assert all("ayaka" in c and "long hair" in c for c in before.values())
         applied = await stub.click(alice, summary, draft.button("apply"))
         assert "Removed 3 tag(s) from 3 caption(s)" in (await answer(applied)).content
-        after = captions(h, alice, draft)
+        after = captions(h, draft)
         assert after.keys() == before.keys()
         for name, text in after.items():
             tags = text.split(", ")
@@ -224,17 +223,17 @@ def test_zip_with_captions_then_a_corrupt_image(h):
             }
         )
         await post(h, draft, [Upload("pics.zip", pics)], 2)
-        assert sorted(captions(h, alice, draft).values()) == ["sks, blue dress, 笑顔", "sks, red dress"]
-        kept = dataset_files(h, alice, draft)
+        assert sorted(captions(h, draft).values()) == ["sks, blue dress, 笑顔", "sks, red dress"]
+        kept = contents(h, draft)
 
         await stub.post_message(
             alice, draft.thread, "one more", files=[Upload("broken.png", b"\x89PNG\r\n\x1a\n" + bytes(64))]
         )
         said = await stub.wait_until(lambda: message_with(stub, draft.thread, "broken.png"), 30, "the answer")
         assert said.content.startswith("Some files need a look") and "Traceback" not in said.content
-        assert "✗ broken.png: " in said.content
+        assert "✗ broken.png: not an image that can be read (damaged" in said.content
         await stub.wait_until(lambda: len(draft.card.edits) >= 2, what="the card after the second post")
-        assert draft.images() == 2 and dataset_files(h, alice, draft) == kept  # nothing lost
+        assert draft.images() == 2 and contents(h, draft) == kept  # nothing lost
 
     h.run(scenario())
     assert stub.violations == []
