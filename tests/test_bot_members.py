@@ -267,7 +267,10 @@ def trained(h) -> Trained:
             await post(
                 h, d, [Upload("x.png", png((200, 40 * i, 40))), Upload("y.png", png((40, 40 * i, 200)))], 2
             )
-            await configure(h, d, **({"sample_steps": "2"} if d is b1 else {"sample_every_n_epochs": "0"}))
+        # a1 runs long enough (4 epochs) for a2 and b1 to queue behind it; b1 makes previews
+        await configure(h, a1, sample_every_n_epochs="0", max_train_epochs="4")
+        await configure(h, a2, sample_every_n_epochs="0")
+        await configure(h, b1, sample_steps="2")
         refusals = {
             "post": await stub.post_message(bob, a1.thread, files=[Upload("z.png", png((0, 200, 0)))])
         }
