@@ -57,7 +57,10 @@ async def measure(members: int, rounds: int) -> dict[str, Any]:
                     started = time.perf_counter()
                     for _ in range(rounds):
                         sent = await asyncio.gather(
-                            *(stub.command(u, "gen", {"prompt": f"a cat {u.name}", "steps": 2}) for u in users),
+                            *(
+                                stub.command(u, "gen", {"prompt": f"a cat {u.name}", "steps": 2})
+                                for u in users
+                            ),
                             *(stub.command(u, "queue") for u in users),
                         )
                         ixs += sent
