@@ -178,7 +178,11 @@ def edit_json(path: Path, **changes) -> None:
     ("part", "changes", "message"),
     [
         ("model_index.json", {"_class_name": "FluxPipeline"}, "lacks text_encoder_2, tokenizer_2"),
-        ("model_index.json", {"_class_name": "StableDiffusionInpaintPipeline"}, "only SD1.5, SDXL and Flux.1"),
+        (
+            "model_index.json",
+            {"_class_name": "StableDiffusionInpaintPipeline"},
+            "only SD1.5, SDXL and Flux.1",
+        ),
         ("unet/config.json", {"cross_attention_dim": 1024}, "Stable Diffusion 2"),
         ("unet/config.json", {"in_channels": 9}, "inpainting"),
     ],
@@ -294,7 +298,10 @@ def test_family_is_read_from_the_keys(tmp_path, keys, family):
             },
             "Stable Diffusion 2.x",
         ),
-        ({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "only the Flux transformer"),
+        (
+            {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": (8,)},
+            "only the Flux transformer",
+        ),
         ({"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}, "LORACORD_FLUX_COMPONENTS"),
         ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 8)}, "is a LoRA"),
         ({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": (4, 8)}, "is a LoRA"),
@@ -334,7 +341,7 @@ def test_unknown_names_list_what_is_accepted(name):
         load_base(name)
 
 
-@pytest.mark.parametrize("name", ["tiny:sd3", "random:flux"])
+@pytest.mark.parametrize("name", ["tiny:sd3", "random:sd3"])
 def test_unknown_family_is_refused(name):
     with pytest.raises(ModelError, match="unknown family"):
         load_base(name)
