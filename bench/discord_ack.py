@@ -1,36 +1,93 @@
-"""SLOT: interaction ack latency p50/p99 with 50 and 200 simulated members on the Discord stub.
+"""Interaction ack latency p50/p99 of the real bot (bot/discord) on the Discord stub (tests/discord_stub.py).
 
-Not measured yet: the bot's Discord side (``bot/discord/``: cogs, views) has not landed, and the
-figure is the time from an interaction sent by ``tests/discord_stub.py`` to the bot's ack (defer or
-reply) as the stub records it. Until then this prints one record that says so, so ``run_all`` and
-``docs/benchmarks.md`` keep the row. When the cogs land, replace ``run`` with: start the stub
-server on 127.0.0.1, start the bot against it, send ``/gen`` and ``/train`` interactions from
-``--members`` members in a bounded loop, and emit ``ack_ms_p50`` / ``ack_ms_p99``.
+N members send ``/gen`` (which checks the library and quotas and queues a job) and ``/queue`` at
+the same moment, R rounds; the figure is the time from the interaction's creation to the bot's
+acknowledgement as the stub records it (the same clock for both). No worker runs: the jobs only
+queue, so this measures the bot process, not the GPU. Prints one JSON line per member count.
+
+    python -m bench.discord_ack --members 50 200 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 from .common import emit
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    landed = importlib.util.find_spec("bot.discord") is not None
-    why = (
-        "bot/discord exists now: this benchmark is still to be written (see its docstring)"
-        if landed
-        else "not measured: the bot's Discord side (bot/discord/) has not landed"
-    )
-    return emit("loracord", "discord_ack", settings={"members": args.members}, skipped=why)
+
+async def measure(members: int, rounds: int) -> dict[str, Any]:
+    from discord_stub import DiscordStub
+
+    from bot import store
+    from bot.config import load_config
+    from bot.discord.app import LoracordBot
+    from bot.dispatch import make_dispatcher
+    from bot.scheduler import Scheduler
+    from bot.web import WebServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stub = DiscordStub()
+        async with stub:
+            path = Path(tmp) / "server.toml"
+            path.write_text(
+                f'[workers]\ndevices = ["cpu"]\n[bases]\ntiny = "tiny:sd15"\n'
+                f"[quota]\nqueued_jobs = 1000\ndaily_gpu_seconds = 1e9\n[web]\nport = 0\n"
+                f'[discord]\napi_base = "{stub.api_base}"\ngateway = "{stub.gateway_url}"\n'
+                f"guilds = [{stub.guild_id}]\n",
+                encoding="utf-8",
+            )
+            cfg = load_config(path)
+            db = store.open_store(cfg.store)
+            scheduler = Scheduler(db, cfg, make_dispatcher(cfg))  # never run: jobs only queue
+            async with WebServer(cfg, db, scheduler) as web:
+                bot = LoracordBot(cfg, db, scheduler, web, guild_ready_timeout=0.05)
+                async with stub.running(bot):
+                    users = [stub.add_member(f"m{i}") for i in range(members)]
+                    await asyncio.sleep(0.2)
+                    ixs = []
+                    started = time.perf_counter()
+                    for _ in range(rounds):
+                        sent = await asyncio.gather(
+                            *(
+                                stub.command(u, "gen", {"prompt": f"a cat {u.name}", "steps": 2})
+                                for u in users
+                            ),
+                            *(stub.command(u, "queue") for u in users),
+                        )
+                        ixs += sent
+                        await asyncio.gather(*(ix.ack(timeout=30) for ix in sent))
+                        await asyncio.gather(*(ix.original_message(timeout=30) for ix in sent))
+                    wall = time.perf_counter() - started
+                ms = sorted(1000 * (ix.callbacks[0].at - ix.created_at) for ix in ixs)
+                violations = [str(v) for v in stub.violations]
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return {
+        "interactions": len(ms),
+        "ack_ms_p50": round(q[49], 1),
+        "ack_ms_p99": round(q[98], 1),
+        "ack_ms_max": round(ms[-1], 1),
+        "wall_s": round(wall, 2),
+        "violations": violations,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--members", type=int, nargs="+", default=[50, 200])
-    run(p.parse_args(argv))
+    p.add_argument("--members", type=int, nargs="+", default=[50])
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    for n in args.members:
+        result = asyncio.run(measure(n, args.rounds))
+        emit("loracord", "discord_ack", settings={"members": n, "rounds": args.rounds}, **result)
     return 0
 
 

@@ -199,7 +199,11 @@ def plan(args: argparse.Namespace) -> list[Step]:
                 metric="scheduler",
             )
         )
-    steps.append(Step("discord ack", ["-m", "bench.discord_ack"], 60, metric="discord_ack"))
+    if p["discord_members"]:
+        members = [str(m) for m in p["discord_members"]]
+        steps.append(
+            Step("discord ack", ["-m", "bench.discord_ack", "--members", *members], 300, metric="discord_ack")
+        )
     if not args.refs:
         for s in steps:
             if s.tool != "loracord":
@@ -266,6 +270,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_repeats=5,
         intake=["--images", "40"],
         scheduler_members=[],  # the bot's figures come from the cpu profile (the GPU image has no sqlite-utils)
+        discord_members=[],
         scheduler_jobs=400,
     ),
     "cpu": dict(
@@ -292,6 +297,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_repeats=3,
         intake=["--images", "40"],
         scheduler_members=[50, 200],
+        discord_members=[50, 200],
         scheduler_jobs=400,
     ),
     "tiny": dict(
@@ -302,6 +308,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_repeats=1,
         intake=["--images", "3", "--size", "256x192"],
         scheduler_members=[5],
+        discord_members=[5],
         scheduler_jobs=20,
     ),
 }

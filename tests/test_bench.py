@@ -91,5 +91,7 @@ def test_runner_on_a_tiny_base_writes_a_record_for_every_step(tmp_path):
     assert by_step["scheduler 5"]["per_job_ms"] > 0
     # What could not run says why instead of vanishing from the table.
     assert by_step["diffusers sd15"]["skipped"] and by_step["kohya sd15"]["skipped"]
-    assert "bot/discord" in by_step["discord ack"]["skipped"]
+    ack = by_step["discord ack"]
+    assert ack["settings"]["members"] == 5 and ack["interactions"] == 30 and ack["violations"] == []
+    assert 0 < ack["ack_ms_p50"] <= ack["ack_ms_p99"]
     assert (out / "results-tiny.jsonl").read_text().count("\n") == len(records)
