@@ -23,7 +23,7 @@ from peft.tuners.lora import LoraLayer
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
 from .models import Base
-from .spec import Family, TrainSpec
+from .spec import Family, SpecError, TrainSpec
 
 ADAPTER = "default"
 
@@ -122,7 +122,7 @@ def block_lr_weights(spec: TrainSpec, family: Family) -> dict[str, float] | None
         value = getattr(spec, setting)
         values = [1.0] * n if value is None else _preset(value, n) if isinstance(value, str) else list(value)
         if len(values) != n:
-            raise ValueError(f"{setting} needs {n} values for {family} (got {len(values)})")
+            raise SpecError(f"{setting} needs {n} values for {family} (got {len(values)})")
         weights.update({f"{label}{k:02d}": w for k, w in enumerate(values)})
     return weights
 
@@ -290,12 +290,12 @@ def load_lora_state(base: Base, state: dict[str, torch.Tensor]) -> None:
     params = {f"{m.component}.{name}": p for m in lora_modules(base) for name, p in m.weights().items()}
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ValueError(
+        raise SpecError(
             f"resume state does not match the network: missing {missing[:3]}, unexpected {extra[:3]}"
         )
     for key, p in params.items():
         if state[key].shape != p.shape:
-            raise ValueError(
+            raise SpecError(
                 f"resume state does not match the network: {key} is {tuple(state[key].shape)}, "
                 f"the network has {tuple(p.shape)}"
             )

@@ -50,6 +50,16 @@ BlockWeights = (
 )
 
 
+def _plain_value(text: str) -> Any:
+    """A number, a bool, a comma list of numbers, or the text: how kohya reads optimizer_args."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [float(p) if any(c in p for c in ".eE") else int(p) for p in parts]
+    except ValueError:
+        return {"true": True, "false": False}.get(text.lower(), text)
+    return values if len(values) > 1 else values[0]
+
+
 class SpecError(ValueError):
     """A spec that cannot be run; the message is meant for the member who wrote it."""
 
@@ -75,6 +85,11 @@ def _describe_error(err: dict[str, Any], fields: dict[str, Any]) -> str:
         return f"{loc} must be {rng} (got {got!r})"
     if kind == "literal_error":
         return f"{loc} must be one of {ctx.get('expected')} (got {got!r})"
+    if kind == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+        message = str(ctx.get("error", err["msg"]))
+        if not err["loc"]:  # a rule between settings: the message names them
+            return message
+        return f"{loc}: {message}" if "(got" in message else f"{loc}: {message} (got {got!r})"
     return f"{loc}: {err['msg']} (got {got!r})"
 
 
@@ -234,7 +249,31 @@ class TrainSpec(_Spec):
             parts = [p.strip() for p in v.replace("x", ",").split(",") if p.strip()]
             if len(parts) == 1:
                 parts = parts * 2
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ValueError("write one size or width,height, e.g. 512 or 512,768")
             return tuple(int(p) for p in parts)
+        return v
+
+    @field_validator("sample_prompts", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        # `--set sample_prompts="a photo of sks --w 512"` is one prompt, not a type error.
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("optimizer_args", mode="before")
+    @classmethod
+    def _kohya_optimizer_args(cls, v: Any) -> Any:
+        # kohya takes `--optimizer_args weight_decay=0.01 betas=0.9,0.99`: "key=value" strings.
+        if isinstance(v, str):
+            v = v.split()
+        if isinstance(v, list) and all(isinstance(item, str) for item in v):
+            args: dict[str, Any] = {}
+            for item in v:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ValueError(f"write key=value pairs, e.g. weight_decay=0.01 (got {item!r})")
+                args[key.strip()] = _plain_value(value.strip())
+            return args
         return v
 
     @field_validator("resolution")

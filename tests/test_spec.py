@@ -65,3 +65,21 @@ def test_events_parse_by_type():
     assert isinstance(parse_event({"type": "epoch", "epoch": 1, "step": 4, "lora_file": "x"}), EpochEvent)
     failed = parse_event('{"type": "failed", "kind": "out_of_memory", "reason": "lower train_batch_size"}')
     assert isinstance(failed, FailedEvent) and failed.kind == "out_of_memory"
+
+
+def test_kohya_style_strings_from_the_command_line():
+    spec = TrainSpec.parse(
+        {
+            **BASE,
+            "optimizer_args": "weight_decay=0.01 betas=0.9,0.99 decouple=True",
+            "sample_prompts": "sks --w 512",
+        }
+    )
+    assert spec.optimizer_args == {"weight_decay": 0.01, "betas": [0.9, 0.99], "decouple": True}
+    assert spec.sample_prompts == ["sks --w 512"]
+    with pytest.raises(SpecError, match=r"^resolution: write one size or width,height"):
+        TrainSpec.parse({**BASE, "resolution": "abc"})
+    with pytest.raises(
+        SpecError, match=r"^network_train_unet_only and network_train_text_encoder_only cannot"
+    ):
+        TrainSpec.parse({**BASE, "network_train_unet_only": True, "network_train_text_encoder_only": True})

@@ -375,3 +375,9 @@ def test_vae_and_frozen_text_encoder_run_once_per_image_and_caption(tmp_path, da
     calls.update(vae=0, te=0)
     run(tmp_path / "shuffled", data, max_train_epochs=3, network_train_unet_only=True, shuffle_caption=True)
     assert calls == {"vae": 4, "te": 12}  # captions change every step: encoded per step, images still once
+
+
+def test_block_weights_of_the_wrong_length_are_bad_input(tmp_path, data):
+    result, _, _ = run(tmp_path, data, down_lr_weight=[1.0, 2.0])
+    assert isinstance(result, FailedEvent) and result.kind == "bad_input"
+    assert result.reason == "down_lr_weight needs 12 values for sd15 (got 2)"
