@@ -50,13 +50,19 @@ def make_objective(
 
 
 def pyramid_noise(
-    shape: torch.Size, iterations: int, discount: float, gen: torch.Generator, device: torch.device
+    shape: torch.Size,
+    iterations: int,
+    discount: float,
+    gen: torch.Generator,
+    device: torch.device,
+    scales: random.Random,
 ) -> torch.Tensor:
-    # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it.
+    # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it. The scale factors
+    # come from a host-side RNG, as in kohya, so drawing them never waits for the GPU.
     b, c, h, w = shape
     noise = torch.randn(shape, generator=gen, device=device)
     for i in range(1, iterations + 1):
-        r = random.Random(gen.initial_seed() + i).random() * 2 + 2  # scale factor in [2, 4)
+        r = scales.random() * 2 + 2  # scale factor in [2, 4)
         wi, hi = max(1, int(w / r**i)), max(1, int(h / r**i))
         low = torch.randn(b, c, hi, wi, generator=gen, device=device)
         noise += F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
@@ -75,6 +81,8 @@ class NoisePrediction:
         self.autocast_dtype = autocast_dtype
         self.noise_scheduler = base.noise_scheduler()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+        self._scales_seed: int | None = None
+        self._scales_rng = random.Random()
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -94,11 +102,24 @@ class NoisePrediction:
     def text_cached(self) -> None:
         pass  # CLIP encoders are small enough to stay where they are
 
+    def _scales(self, gen: torch.Generator) -> random.Random:
+        # New draws every step, restarting whenever the trainer reseeds `gen` (each epoch), so a
+        # resumed run draws exactly what an uninterrupted one does.
+        if self._scales_seed != gen.initial_seed():
+            self._scales_seed = gen.initial_seed()
+            self._scales_rng = random.Random(self._scales_seed)
+        return self._scales_rng
+
     def _noise(self, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         spec = self.spec
         if spec.multires_noise_iterations:
             noise = pyramid_noise(
-                latents.shape, spec.multires_noise_iterations, spec.multires_noise_discount, gen, self.device
+                latents.shape,
+                spec.multires_noise_iterations,
+                spec.multires_noise_discount,
+                gen,
+                self.device,
+                self._scales(gen),
             )
         else:
             noise = torch.randn(latents.shape, generator=gen, device=self.device)

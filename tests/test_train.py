@@ -100,8 +100,9 @@ def test_same_seed_same_tensors_and_other_seed_differs(tmp_path, data, baseline)
     assert not same(baseline[2], other)
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, data):
-    _, _, full = run(tmp_path / "full", data, max_train_epochs=3, lr_scheduler="cosine")
+@pytest.mark.parametrize("noise", [{}, {"multires_noise_iterations": 6, "noise_offset": 0.05}])
+def test_resume_matches_uninterrupted_run(tmp_path, data, noise):
+    _, _, full = run(tmp_path / "full", data, max_train_epochs=3, lr_scheduler="cosine", **noise)
     cancel = threading.Event()
 
     def stop_after_first_epoch(e):
@@ -110,11 +111,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, data):
 
     out = tmp_path / "resumed"
     first, _, _ = run(
-        out, data, cancel=cancel, on_event=stop_after_first_epoch, max_train_epochs=3, lr_scheduler="cosine"
+        out,
+        data,
+        cancel=cancel,
+        on_event=stop_after_first_epoch,
+        max_train_epochs=3,
+        lr_scheduler="cosine",
+        **noise,
     )
     assert isinstance(first, FailedEvent) and first.kind == "cancelled"
     assert (out / "t-000001.safetensors").exists() and not (out / "t-000002.safetensors").exists()
-    result, events, resumed = run(out, data, max_train_epochs=3, lr_scheduler="cosine", resume=True)
+    result, events, resumed = run(out, data, max_train_epochs=3, lr_scheduler="cosine", resume=True, **noise)
     assert isinstance(result, DoneEvent)
     assert [e.step for e in events if isinstance(e, ProgressEvent)][0] == 5
     assert same(full, resumed)
