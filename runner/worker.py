@@ -28,6 +28,7 @@ class _Handover:
     job: dict[str, Any]
     emit: Callable[[Any], None]
     done: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event = field(default_factory=threading.Event)  # its own: not the trainer's
     result: Any = None
 
 
@@ -39,16 +40,19 @@ class Worker:
         self.training = False
         self._training_id: Any = None
         self._waiting: list[_Handover] = []
+        self._serving: _Handover | None = None
         self.pipelines: Any = None  # a PipelineCache once the first gen job arrives (it imports torch)
 
-    def generate(self, spec: GenSpec, emit: Callable[[Any], None]) -> Any:
+    def generate(
+        self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event | None = None
+    ) -> Any:
         """One gen job on this worker's warm pipelines; returns (and emits) ImagesEvent or FailedEvent."""
         from .generate import run_gen
         from .pipelines import PipelineCache
 
         if self.pipelines is None:
             self.pipelines = PipelineCache(self.device)
-        return run_gen(spec, self.pipelines, emit, self.cancel_event)
+        return run_gen(spec, self.pipelines, emit, cancel or self.cancel_event)
 
     def cancel(self, job_id: Any = None) -> None:
         """Cancel the running job, or only job ``job_id`` (dropped if it still waits for a step)."""
@@ -56,11 +60,18 @@ class Worker:
             waiting = [h for h in self._waiting if job_id is not None and h.job.get("id") == job_id]
             for h in waiting:
                 self._waiting.remove(h)
+            serving = self._serving
         for h in waiting:
             h.result = FailedEvent(kind="cancelled", reason="cancelled before it started")
             h.emit(h.result)
             h.done.set()
-        if not waiting and (job_id is None or not self.training or job_id == self._training_id):
+        if waiting:
+            return
+        if serving is not None and (job_id is None or serving.job.get("id") == job_id):
+            serving.cancel.set()
+            if job_id is not None:
+                return
+        if job_id is None or not self.training or job_id == self._training_id:
             self.cancel_event.set()
 
     def run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
@@ -101,10 +112,18 @@ class Worker:
                 if not self._waiting:
                     return
                 handover = self._waiting.pop(0)
-            handover.result = self._run(handover.job, handover.emit)
-            handover.done.set()
+                self._serving = handover
+            try:
+                handover.result = self._run(handover.job, handover.emit, handover.cancel)
+            finally:
+                with self._lock:
+                    self._serving = None
+                handover.done.set()
 
-    def _run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
+    def _run(
+        self, job: dict[str, Any], emit: Callable[[Any], None], cancel: threading.Event | None = None
+    ) -> Any:
+        cancel = cancel or self.cancel_event
         kind = job.get("type")
         specs: dict[str, type[TrainSpec | GenSpec | TagSpec]] = {
             "train": TrainSpec,
@@ -124,14 +143,14 @@ class Worker:
             emit(event)
             return event
         if isinstance(spec, GenSpec):
-            return self.generate(spec, emit)
+            return self.generate(spec, emit, cancel)
         if isinstance(spec, TagSpec):
             from .tagger import tag_dataset  # onnxruntime loads only for a tag job
 
-            return tag_dataset(spec, emit, self.cancel_event)
+            return tag_dataset(spec, emit, cancel)
         from .train import train  # torch loads only when there is work to do
 
-        return train(spec, emit, self.cancel_event, self.device)
+        return train(spec, emit, cancel, self.device)
 
 
 def _run_after(
