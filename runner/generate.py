@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -51,6 +49,7 @@ from .infotext import format_parameters, lora_tag, split_lora_tags
 from .lora_io import LoraFileError
 from .loras import FAMILY_NAMES, find_lora
 from .models import Base, ModelError
+from .outcome import Cancelled, run_to_event
 from .spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SpecError
 from .text import encode_prompts
 
@@ -444,10 +443,6 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
 # ---- generation with LoRAs (/gen, `loracord gen`, grids) ----
 
 
-class Cancelled(Exception):
-    """The caller's cancel event was set between two images."""
-
-
 @dataclass
 class GenImage:
     image: Image.Image
@@ -631,20 +626,10 @@ def run_gen(
     spec: GenSpec, cache: PipelineCache, emit: Callable[[Any], None], cancel: threading.Event | None = None
 ) -> ImagesEvent | FailedEvent:
     """One gen job for a worker or the CLI: every outcome is an event, emitted and returned."""
-    try:
-        result: ImagesEvent | FailedEvent = generate(spec, cache, cancel)
-    except (SpecError, LoraFileError, ModelError) as e:
-        result = FailedEvent(kind="bad_input", reason=str(e))
-    except Cancelled:
-        result = FailedEvent(kind="cancelled", reason="cancelled; images made so far were not saved")
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        result = FailedEvent(
-            kind="out_of_memory",
-            reason="the GPU ran out of memory: lower the size or the count, or use fewer LoRAs at once",
-        )
-    except Exception as e:  # a warm worker must outlive any one request; the log keeps the traceback
-        traceback.print_exc(file=sys.stderr)
-        result = FailedEvent(kind="error", reason=f"{type(e).__name__}: {e}")
-    emit(result)
-    return result
+    return run_to_event(
+        lambda: generate(spec, cache, cancel),
+        emit,
+        bad_input=(SpecError, LoraFileError, ModelError),
+        cancelled="cancelled; images made so far were not saved",
+        out_of_memory=lambda: "lower the size or the count, or use fewer LoRAs at once",
+    )

@@ -12,10 +12,8 @@ import os
 import random
 import re
 import shutil
-import sys
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,6 +33,7 @@ from .models import Base, ModelError, load_base
 from .network import add_lora, load_lora_state, lora_state, param_groups
 from .objectives import Batch, make_objective
 from .optimizers import describe_optimizer, make_optimizer
+from .outcome import Cancelled, JobFailed, run_to_event
 from .presets import preset_settings
 from .spec import (
     DoneEvent,
@@ -49,10 +48,6 @@ from .text import Conditioning
 
 Emit = Callable[[Any], None]
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
-
-
-class Cancelled(Exception):
-    pass
 
 
 def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
@@ -426,7 +421,10 @@ class Trainer:
                 step += 1
                 value = loss.item() * spec.gradient_accumulation_steps
                 if not math.isfinite(value):
-                    raise FloatingPointError(step)
+                    raise JobFailed(
+                        f"the loss became NaN/inf at step {step}: lower the learning rate, "
+                        "or use mixed_precision=bf16 instead of fp16"
+                    )
                 loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
                 rate = (step - step0) / max(time.monotonic() - t0, 1e-6)
                 self.emit(
@@ -483,26 +481,10 @@ def train(
 ) -> DoneEvent | FailedEvent:
     """Run one training job; every outcome is an event, never an exception."""
     trainer = Trainer(spec, emit, cancel, device)
-    try:
-        result: DoneEvent | FailedEvent = trainer.run()
-    except (SpecError, DatasetError, ModelError) as e:
-        result = FailedEvent(kind="bad_input", reason=str(e))
-    except Cancelled:
-        result = FailedEvent(kind="cancelled", reason="cancelled; epochs saved so far are kept")
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        result = FailedEvent(
-            kind="out_of_memory",
-            reason="the GPU ran out of memory: " + _oom_advice(getattr(trainer, "spec", spec)),
-        )
-    except FloatingPointError as e:
-        result = FailedEvent(
-            kind="error",
-            reason=f"the loss became NaN/inf at step {e}: lower the learning rate, "
-            "or use mixed_precision=bf16 instead of fp16",
-        )
-    except Exception as e:  # the worker must outlive any one job; the log keeps the traceback
-        traceback.print_exc(file=sys.stderr)
-        result = FailedEvent(kind="error", reason=f"{type(e).__name__}: {e}")
-    emit(result)
-    return result
+    return run_to_event(
+        trainer.run,
+        emit,
+        bad_input=(SpecError, DatasetError, ModelError),
+        cancelled="cancelled; epochs saved so far are kept",
+        out_of_memory=lambda: _oom_advice(getattr(trainer, "spec", spec)),
+    )
