@@ -336,7 +336,10 @@ def _decode(data: bytes, spec: IntakeSpec) -> _Decoded:
                     )
                 frames = getattr(img, "n_frames", 1)
                 img.load()
-                rotated = img.getexif().get(ExifTags.Base.Orientation, 1) != 1
+                exif = img.getexif()
+                rotated = exif.get(ExifTags.Base.Orientation, 1) != 1
+                # Phones record where a photo was taken; the server owner has no business with it.
+                located = bool(exif.get_ifd(ExifTags.IFD.GPSInfo))
                 rgb, changes = to_rgb(ImageOps.exif_transpose(img))
     except _Refused:
         raise
@@ -354,6 +357,8 @@ def _decode(data: bytes, spec: IntakeSpec) -> _Decoded:
         changes.insert(0, "turned upright (EXIF)")
     if frames > 1:
         changes.append(f"first frame of {frames} kept")
+    if located:
+        changes.append("location data (GPS) removed")
     as_is = not changes and fmt in _COPY_AS_IS
     return _Decoded(rgb, changes, fmt, as_is)
 

@@ -322,3 +322,23 @@ def test_spec_refuses_bad_settings():
         IntakeSpec.parse({"sources": ["x"], "output_dir": "o", "name": "../up"})
     with pytest.raises(SpecError, match="sources"):
         IntakeSpec.parse({"sources": [], "output_dir": "o"})
+
+
+def test_phone_location_data_is_removed(tmp_path):
+    from PIL import ExifTags
+
+    src = tmp_path / "src"
+    src.mkdir()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Phone"
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitude] = (35.0, 39.0, 29.0)
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitudeRef] = "N"
+    picture(30).save(src / "located.jpg", quality=95, exif=exif)
+    picture(31).save(src / "plain.jpg", quality=95)
+    assert Image.open(src / "located.jpg").getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    report = build_dataset(_spec([src], tmp_path / "out"))
+    e = {x.source: x for x in report.entries}
+    located = Image.open(tmp_path / "out" / e["src/located.jpg"].stored)
+    assert not located.getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    assert "location data (GPS) removed" in e["src/located.jpg"].changes
+    assert (tmp_path / "out" / e["src/plain.jpg"].stored).read_bytes() == (src / "plain.jpg").read_bytes()
