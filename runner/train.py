@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -229,10 +230,27 @@ class Trainer:
             pixels.append(px.flip(-1) if flip else px)
         x = torch.stack(pixels).to(self.device, vae.dtype)
         with torch.no_grad():
-            # kohya caches one sample of the latent distribution; the generator makes it repeatable.
-            gen = torch.Generator(self.device).manual_seed(self.spec.seed)
-            latents = vae.encode(x).latent_dist.sample(generator=gen)
-        latents = latents.float()
+            dist = vae.encode(x).latent_dist
+        # kohya keeps one sample of each image's latent distribution. Each image draws from its own
+        # seed (from its place in the dataset), so the sample does not depend on caching, batch
+        # position or where the dataset folder lives, and no two images share one noise pattern.
+        noise = torch.stack(
+            [
+                torch.randn(
+                    dist.mean.shape[1:],
+                    generator=torch.Generator().manual_seed(
+                        self.spec.seed
+                        ^ zlib.crc32(
+                            item.path.relative_to(Path(self.spec.train_data_dir).expanduser())
+                            .as_posix()
+                            .encode()
+                        )
+                    ),
+                )
+                for item in items
+            ]
+        ).to(dist.mean.device, dist.mean.dtype)
+        latents = (dist.mean + dist.std * noise).float()
         if vae.config.get("shift_factor") is not None:  # Flux's VAE centres its latents too
             latents = latents - vae.config.shift_factor
         return latents * vae.config.scaling_factor
