@@ -23,11 +23,10 @@ from runner.spec import DoneEvent, EpochEvent, FailedEvent, ImagesEvent, Progres
 
 from . import jobs, store
 from .config import Config
-from .dispatch import Dispatcher, Message, WorkerDied
+from .dispatch import FINAL, Dispatcher, Message, WorkerDied
 from .files import sha256_file
 
 log = logging.getLogger(__name__)
-FINAL = ("done", "failed", "images", "tagged")  # the events that end a job
 Listener = Callable[[store.Job, Any], Awaitable[None] | None]
 
 

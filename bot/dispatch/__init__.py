@@ -32,6 +32,7 @@ class WorkerDied:
 
 
 Message = WorkerEvent | WorkerDied
+FINAL = ("done", "failed", "images", "tagged")  # the event types that end a job
 
 
 class Dispatcher(Protocol):
