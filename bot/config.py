@@ -105,6 +105,9 @@ class DiscordConfig(_Section):
         "spoiler", description="images in channels not marked NSFW: as spoilers, refused, or shown"
     )
     progress_seconds: float = Field(5.0, ge=0.05, le=600, description="least time between progress edits")
+    retry_max_seconds: float = Field(
+        30.0, ge=0.1, le=3600, description="longest wait between tries of a post Discord did not take"
+    )
     tagger: str = Field(
         "wd-swinv2-tagger-v3", description="Auto-tag's tagger: a SmilingWolf name, a repo id or a folder"
     )

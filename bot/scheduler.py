@@ -59,7 +59,9 @@ class Scheduler:
         self.restarts = 0
 
     def subscribe(self, listener: Listener) -> None:
-        """Call ``listener(job, event)`` after each event is recorded (the Discord side's hook)."""
+        """Call ``listener(job, event)`` after each event is recorded (the Discord side's hook).
+        Listeners must not wait on anything slow: every event but progress is also written to the
+        Discord outbox, which the bot delivers on its own task."""
         self.listeners.append(listener)
 
     # ---- the loop ----
@@ -189,6 +191,8 @@ class Scheduler:
         if event.type in FINAL:
             self._finish(job, event)
             self._release(msg.worker, [job.id])
+        if not isinstance(event, ProgressEvent):
+            store.add_post(self.db, job.id, event.model_dump(mode="json"))  # for the bot to deliver
         self.timing.handle_s.append(time.perf_counter() - started)
         fresh = store.get_job(self.db, job.id)
         for listener in self.listeners:

@@ -136,7 +136,27 @@ def _m2_discord(db: Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema, _m2_discord]
+def _m3_outbox(db: Database) -> None:
+    """What the bot still has to post to Discord for a job's events: written in the scheduler's
+    path, delivered by the bot when Discord answers, so an outage delays posts and loses none."""
+    db["discord_outbox"].create(
+        {
+            "id": int,
+            "job_id": int,
+            "event": str,  # the event's JSON, as the worker sent it
+            "created_at": float,
+            "attempts": int,
+            "next_at": float,  # not tried again before this time (back-off after a failure)
+            "sent_at": float,  # set once Discord took it; None: still to deliver
+            "error": str,  # the last failure; with dropped=1, why it will never be posted
+            "dropped": int,
+        },
+        pk="id",
+    )
+    db["discord_outbox"].create_index(["sent_at", "dropped", "id"])
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema, _m2_discord, _m3_outbox]
 
 
 def open_store(path: str | Path) -> Database:
@@ -315,6 +335,64 @@ def job_events(db: Database, job_id: int) -> list[dict[str, Any]]:
         {"at": r["at"], "type": r["type"], **json.loads(r["data"])}
         for r in db.query("SELECT * FROM job_events WHERE job_id = ? ORDER BY id", [job_id])
     ]
+
+
+# ---- the Discord outbox ----
+
+
+@dataclass
+class Post:
+    id: int
+    job_id: int
+    event: dict[str, Any]
+    attempts: int
+
+
+def add_post(db: Database, job_id: int, event: dict[str, Any]) -> int:
+    now = time.time()
+    row = {"job_id": job_id, "event": json.dumps(event, ensure_ascii=False), "created_at": now}
+    return db["discord_outbox"].insert({**row, "attempts": 0, "next_at": now, "dropped": 0}).last_pk
+
+
+def due_posts(db: Database, now: float | None = None, limit: int = 50) -> list[Post]:
+    """Posts not yet delivered, oldest first, with each job's earliest post first: a post whose
+    back-off has not run out holds back the later posts of its job (a job's epochs, then its end)."""
+    rows = db.query(
+        "SELECT * FROM discord_outbox WHERE sent_at IS NULL AND dropped = 0 ORDER BY id LIMIT ?", [limit]
+    )
+    now = time.time() if now is None else now
+    held: set[int] = set()
+    due = []
+    for r in rows:
+        if r["job_id"] in held:
+            continue
+        if r["next_at"] > now:
+            held.add(r["job_id"])
+            continue
+        due.append(Post(r["id"], r["job_id"], json.loads(r["event"]), r["attempts"]))
+    return due
+
+
+def next_post_at(db: Database) -> float | None:
+    """When the next post falls due: the earliest back-off among the first pending post of each job."""
+    row = db.execute(
+        "SELECT MIN(next_at) FROM discord_outbox o WHERE sent_at IS NULL AND dropped = 0 AND id = "
+        "(SELECT MIN(id) FROM discord_outbox WHERE job_id = o.job_id AND sent_at IS NULL AND dropped = 0)"
+    ).fetchone()
+    return row[0]
+
+
+def post_sent(db: Database, post_id: int) -> None:
+    db["discord_outbox"].update(post_id, {"sent_at": time.time(), "error": None})
+
+
+def post_failed(db: Database, post_id: int, error: str, retry_at: float | None) -> None:
+    """Record a failed delivery: tried again at ``retry_at``, or never (``None``: dropped)."""
+    db.execute(
+        "UPDATE discord_outbox SET attempts = attempts + 1, error = ?, next_at = COALESCE(?, next_at), "
+        "dropped = ? WHERE id = ?",
+        [error, retry_at, int(retry_at is None), post_id],
+    )
 
 
 def seconds_per_step(db: Database, rate_key: str, recent: int = 20) -> float | None:

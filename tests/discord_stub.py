@@ -169,6 +169,8 @@ class StubMessage:
     reference: dict | None = None
     edits: list[dict] = field(default_factory=list)  # every edit's payload, in order
     deleted: bool = False
+    nonce: str | None = None
+    created: float = 0.0  # stub clock
 
     @property
     def ephemeral(self) -> bool:
@@ -347,6 +349,11 @@ class DiscordStub:
         self.log: list[tuple[float, str, int]] = []  # (clock, "METHOD /route", status) of every REST call
         self.identifies = 0
         self.resumes = 0
+        self.outage_status: int | None = None  # every REST call and gateway connect answers this
+        self._outage_over = asyncio.Event()
+        self._outage_over.set()
+        self._gateway_down = False
+        self.nonce_replays = 0  # messages not created again because their nonce was already used
         self._last_snowflake = 0
         self._changed = asyncio.Event()
         self._budgets: dict[str, _Budget] = {}
@@ -697,6 +704,21 @@ class DiscordStub:
                 session.dropped = True
                 self._spawn(session.ws.close(code=4000, message=b"stub: connection dropped"))
 
+    def begin_outage(self, status: int | None = 503, *, gateway: bool = True) -> None:
+        """Discord goes down until :meth:`end_outage`: every REST call (and, with ``gateway``, the
+        gateway connection, which drops, and every reconnect) answers ``status`` (503 as from
+        Cloudflare, 502, 500), or with ``None`` hangs unanswered until the outage ends."""
+        self.outage_status = status
+        self._outage_over.clear()
+        self._gateway_down = gateway
+        if gateway:
+            self.drop_connection()
+
+    def end_outage(self) -> None:
+        self.outage_status = None
+        self._gateway_down = False
+        self._outage_over.set()
+
     def _usable_component(
         self, user: StubUser, message: StubMessage, custom_id: str, kinds: set[int]
     ) -> dict:
@@ -937,7 +959,11 @@ class DiscordStub:
                 if not session.invalid and session.intents & MESSAGES_INTENT:
                     await session.dispatch("MESSAGE_CREATE", self._visible_json(message, session))
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self._gateway_down and self.outage_status is not None:
+            return web.Response(status=self.outage_status, text="upstream connect error")
+        if self._gateway_down:
+            await self._outage_over.wait()
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         if request.query.get("encoding", "json") != "json":
@@ -1111,6 +1137,10 @@ class DiscordStub:
         if not template.startswith(API):
             return await handler(request)
         route = f"{request.method} {template[len(API) :]}"
+        if self.outage_status is not None:
+            self.log.append((self.clock.now(), route, self.outage_status))
+            return web.Response(status=self.outage_status, text="upstream connect error")
+        await self._outage_over.wait()
         webhook = template.startswith((API + "/interactions/", API + "/webhooks/"))
         headers: dict[str, str] = {}
         try:
@@ -1483,7 +1513,37 @@ class DiscordStub:
     async def _post_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request.match_info["channel_id"])
         payload, uploads = await self._body(request)
+        nonce = payload.get("nonce")
+        if nonce is not None and len(str(nonce)) > 25:
+            raise _Refused(
+                400,
+                50035,
+                "Invalid Form Body",
+                {
+                    "nonce": {
+                        "_errors": [
+                            {"code": "BASE_TYPE_BAD_LENGTH", "message": "Must be 25 or fewer in length."}
+                        ]
+                    }
+                },
+            )
+        if nonce is not None and payload.get("enforce_nonce"):
+            # Discord: a nonce used by the same author within the last few minutes gives back the
+            # message it created instead of a new one.
+            seen = next(
+                (
+                    m
+                    for m in self.messages.values()
+                    if m.author is self.bot and m.nonce == str(nonce) and self.clock.now() - m.created < 300
+                ),
+                None,
+            )
+            if seen is not None:
+                self.nonce_replays += 1
+                return _json(self._message_json(seen))
         message = self._new_message(int(channel["id"]), payload, uploads)
+        message.nonce = None if nonce is None else str(nonce)
+        message.created = self.clock.now()
         self._unarchive(channel)
         await self._publish(message)
         return _json(self._message_json(message))

@@ -8,6 +8,7 @@ so buttons on old messages keep working after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -16,12 +17,12 @@ import yarl
 from discord.ext import commands
 from sqlite_utils import Database
 
-from .. import store
 from ..config import TOKEN_ENV, Config, ConfigError
 from ..scheduler import Scheduler
 from ..web import WebServer
 from . import admin, gen, library, train
 from .common import DEFAULT_UPLOAD_LIMIT
+from .delivery import Courier
 from .progress import Coalescer
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,15 @@ class LoracordBot(commands.Bot):
         )
         self.cfg, self.db, self.scheduler, self.web = cfg, db, scheduler, web
         self.upload_limit = DEFAULT_UPLOAD_LIMIT  # updated from each interaction's attachment_size_limit
-        self.edits = Coalescer(self, cfg.discord.progress_seconds)
+        self.edits = Coalescer(self, cfg.discord.progress_seconds, cfg.discord.retry_max_seconds)
+        self.courier = Courier(self)
 
     async def setup_hook(self) -> None:
         for module in COGS:
             await self.add_cog(module.Cog(self))
             self.add_dynamic_items(*module.ITEMS)
-        self.scheduler.subscribe(self._job_event)
+        self.scheduler.subscribe(self.courier.on_job_event)
+        self.courier.start()
         guilds = [discord.Object(g) for g in self.cfg.discord.guilds]
         for guild in guilds:
             self.tree.copy_global_to(guild=guild)
@@ -61,25 +64,14 @@ class LoracordBot(commands.Bot):
         if not guilds:
             await self.tree.sync()
 
-    async def _job_event(self, job: store.Job, event: Any) -> None:
-        if self.is_closed():
-            return
-        for cog in list(self.cogs.values()):
-            handler = getattr(cog, "on_job_event", None)
-            if handler is not None:
-                try:
-                    await handler(job, event)
-                except discord.HTTPException as e:
-                    log.warning("job %s: Discord refused an update (%s)", job.id, e)
-                except Exception:  # one cog's bug must not stop the others or the scheduler
-                    log.exception("job %s: updating Discord failed", job.id)
-
     async def on_ready(self) -> None:
         self.web.discord_connected = True
+        self.courier.retry_now()
         log.info("Discord: logged in as %s", self.user)
 
     async def on_resumed(self) -> None:
         self.web.discord_connected = True
+        self.courier.retry_now()
 
     async def on_disconnect(self) -> None:
         self.web.discord_connected = False
@@ -88,9 +80,12 @@ class LoracordBot(commands.Bot):
         log.exception("command %s failed", ix.command and ix.command.name, exc_info=error)
 
     async def close(self) -> None:
-        if self._job_event in self.scheduler.listeners:
-            self.scheduler.listeners.remove(self._job_event)
-        await self.edits.drain()
+        if self.courier.on_job_event in self.scheduler.listeners:
+            self.scheduler.listeners.remove(self.courier.on_job_event)
+        await self.courier.close()  # what it has not delivered stays in the outbox for the next start
+        with contextlib.suppress(TimeoutError):  # Discord down: a progress edit may wait for ever
+            async with asyncio.timeout(5):
+                await self.edits.drain()
         self.edits.close()
         self.web.discord_connected = False
         await super().close()

@@ -28,6 +28,7 @@ from .common import (
     say,
     sentence,
 )
+from .delivery import outbox_nonce
 
 log = logging.getLogger(__name__)
 SIZES = ["512x512", "512x768", "768x512", "768x768", "1024x1024", "832x1216", "1216x832"]
@@ -212,7 +213,9 @@ class Cog(commands.Cog, name="Cog_gen"):
         if isinstance(event, FailedEvent):
             text = "was cancelled" if event.kind == "cancelled" else f"failed: {event.reason}"
             await channel.send(
-                clip(f"<@{job.owner}> your images (job #{job.id}) {text}"), allowed_mentions=mention
+                clip(f"<@{job.owner}> your images (job #{job.id}) {text}"),
+                allowed_mentions=mention,
+                nonce=outbox_nonce(),
             )
             return
         if not isinstance(event, ImagesEvent):
@@ -220,5 +223,7 @@ class Cog(commands.Cog, name="Cog_gen"):
         files, links = files_or_links(self.bot, event.images[:10], bool(post["spoiler"]))
         prompt = clip(parse_parameters(event.parameters[0]).prompt, 300)
         text = clip(f"<@{job.owner}> {prompt}" + "".join(f"\n{u}" for u in links))
-        message = await channel.send(text, files=files, view=result_view(job.id), allowed_mentions=mention)
+        message = await channel.send(
+            text, files=files, view=result_view(job.id), allowed_mentions=mention, nonce=outbox_nonce()
+        )
         state.set_post(self.bot.db, job.id, post["channel_id"], message.id, bool(post["spoiler"]))

@@ -57,6 +57,7 @@ from .common import (
     sentence,
     size_text,
 )
+from .delivery import outbox_nonce
 
 log = logging.getLogger(__name__)
 PRESETS = ("character", "style", "concept")
@@ -724,7 +725,7 @@ class Cog(commands.Cog, name="Cog_train"):
 
     async def _tag_event(self, draft: state.Draft, thread: discord.PartialMessageable, event: Any) -> None:
         if isinstance(event, FailedEvent):
-            await thread.send(clip(f"Auto-tag failed: {event.reason}"))
+            await thread.send(clip(f"Auto-tag failed: {event.reason}"), nonce=outbox_nonce())
         elif isinstance(event, TaggedEvent):
             s = draft.settings_dict
             s["remove"] = list(event.suggested_removals)
@@ -734,7 +735,7 @@ class Cog(commands.Cog, name="Cog_train"):
                 f"🏷️ Tagged {event.captions_written}/{event.images} images. Most used: {top or 'none'}.\n"
                 "Pick tags to remove (they become part of the trigger word), then **Remove selected**."
             )
-            await thread.send(clip(text), view=tag_view(draft, event, 0))
+            await thread.send(clip(text), view=tag_view(draft, event, 0), nonce=outbox_nonce())
             await refresh_card(self.bot, draft)
 
     def _spoiler(self, thread_id: int) -> bool | None:
@@ -759,7 +760,7 @@ class Cog(commands.Cog, name="Cog_train"):
         elif event.sample_images:
             note = " (previews are not shown in channels that are not marked NSFW)"
         text = f"📦 **{draft.name}** · epoch {event.epoch} saved{note}" + "".join(f"\n{u}" for u in links)
-        await thread.send(text, files=files, view=view)
+        await thread.send(text, files=files, view=view, nonce=outbox_nonce())
 
     async def _post_done(
         self, job: store.Job, draft: state.Draft, thread: discord.PartialMessageable, event: DoneEvent
@@ -796,7 +797,7 @@ class Cog(commands.Cog, name="Cog_train"):
             f"Pick another below, or try it: `/gen lora:{draft.name} weight:0.8`"
         ) + "".join(f"\n{u}" for u in links)
         mention = discord.AllowedMentions(users=[discord.Object(int(job.owner))])
-        await thread.send(clip(text), files=files, view=view, allowed_mentions=mention)
+        await thread.send(clip(text), files=files, view=view, allowed_mentions=mention, nonce=outbox_nonce())
 
 
 def queued_text(bot: commands.Bot, job: store.Job) -> str:
