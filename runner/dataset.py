@@ -27,7 +27,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from .images import IMAGE_EXTENSIONS, decode_caption, image_files, to_rgb, unreadable_reason
-from .spec import TrainSpec
+from .spec import TrainSpec, varying_caption_settings
 
 CAPTION_FALLBACKS = (".caption", ".txt")
 _REPEATS_FOLDER = re.compile(r"(\d+)_(.*)", re.S)
@@ -324,14 +324,10 @@ class CaptionRules:
         self.dropout_rate = spec.caption_dropout_rate
         self.dropout_every_n_epochs = spec.caption_dropout_every_n_epochs
         self.tag_dropout_rate = spec.caption_tag_dropout_rate
+        self.varying = varying_caption_settings(spec)
 
     def varies(self) -> bool:
-        return (
-            self.shuffle
-            or self.dropout_rate > 0
-            or self.dropout_every_n_epochs > 0
-            or self.tag_dropout_rate > 0
-        )
+        return bool(self.varying)
 
     def apply(self, caption: str, epoch: int, rng: random.Random) -> str:
         if self.dropout_every_n_epochs and epoch % self.dropout_every_n_epochs == 0:

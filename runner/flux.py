@@ -124,9 +124,13 @@ class FlowMatching:
             self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"
         )
 
-    def encode_text(self, captions: list[str], grad: bool) -> Conditioning:
-        """T5's hidden states (``hidden_states``) and CLIP-L's pooled output (``pooled``)."""
+    def encode_text(self, captions: list[str], grad: bool, t5: torch.Tensor | None = None) -> Conditioning:
+        """T5's hidden states (``hidden_states``) and CLIP-L's pooled output (``pooled``); given ``t5``
+        (its cached outputs for these captions), only CLIP-L runs."""
         with torch.set_grad_enabled(grad), self._autocast():
+            if t5 is not None:
+                # encode_prompt runs both encoders or neither; its CLIP-L half alone is this helper.
+                return Conditioning(t5, self.pipe._get_clip_prompt_embeds(captions, device=self.device))
             t5, pooled, _ = self.pipe.encode_prompt(
                 captions, device=self.device, max_sequence_length=self.t5_length
             )
@@ -179,12 +183,13 @@ class FlowMatching:
             )[0]
         scale = self.base.vae_scale_factor
         pred = FluxPipeline._unpack_latents(packed, h * scale, w * scale, scale).float()
-        target = noise - latents
+        # kohya's apply_model_prediction_type; the target stays noise - latents for all three.
+        # (kohya's sigma_scaled also weights the loss by its weighting_scheme, uniform by default:
+        # loracord has no weighting_scheme, so the weight is always 1.)
         kind = self.spec.model_prediction_type
         if kind == "additive":
             pred = pred + noisy
         elif kind == "sigma_scaled":
-            # The prediction turned into an x_0 estimate, compared with x_0 as SD3's preconditioning
-            # does (kohya compares it with noise - latents, which an x_0 estimate cannot match).
-            pred, target = noisy - s * pred, latents
+            pred = pred * -s + noisy
+        target = noise - latents
         return F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3)).mean()

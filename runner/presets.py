@@ -75,9 +75,17 @@ _KINDS: dict[str, dict[str, Any]] = {
 _FAMILY: dict[str, dict[str, Any]] = {
     # SD1.5 anime checkpoints are trained and used at clip skip 2.
     "sd15": {"clip_skip": 2},
-    # SDXL: the text encoders are large and rarely worth training; freezing them lets their outputs
-    # be cached. Gradient checkpointing keeps 1024² training inside 12–16 GB cards.
-    "sdxl": {"network_train_unet_only": True, "gradient_checkpointing": True},
+    # SDXL: kohya's fast SDXL recipe (sdxl_train_network with --cache_text_encoder_outputs
+    # --network_train_unet_only): the text encoders are large and rarely worth training, and with them
+    # frozen and captions neither shuffled nor dropped each caption is encoded once. Gradient
+    # checkpointing keeps 1024² training inside 12–16 GB cards.
+    "sdxl": {
+        "network_train_unet_only": True,
+        "cache_text_encoder_outputs": True,
+        "shuffle_caption": False,
+        "caption_dropout_rate": 0.0,
+        "gradient_checkpointing": True,
+    },
 }
 
 # Flux.1: Civitai's Flux defaults (dim/alpha 16/16, lr 1e-4, cosine) and kohya's README

@@ -210,7 +210,11 @@ class TrainSpec(_Spec):
     save_precision: SavePrecision = "fp16"
     gradient_checkpointing: bool = False
     cache_latents: bool = True
-    cache_text_encoder_outputs: bool = True
+    cache_text_encoder_outputs: bool = Field(
+        True,
+        description="encode each caption once, not every step; settings that change captions between "
+        "steps or train a text encoder undo it (see text_encoding)",
+    )
 
     # Flux only (kohya's flux_train_network.py names; refused for SD bases, see runner/flux.py).
     guidance_scale: float = Field(
@@ -219,7 +223,12 @@ class TrainSpec(_Spec):
     timestep_sampling: Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"] = "sigma"
     sigmoid_scale: float = Field(1.0, gt=0.0, le=100.0)
     discrete_flow_shift: float = Field(3.0, gt=0.0, le=100.0)
-    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = "raw"
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] = Field(
+        "sigma_scaled",
+        description="kohya's: how the transformer's output is compared with the velocity noise - x_0: "
+        "raw as it is, additive plus the noisy latents, sigma_scaled times -σ plus the noisy latents "
+        "(kohya's default)",
+    )
     t5xxl_max_token_length: int | None = Field(
         None, ge=8, le=512, description="T5 tokens; unset: 512 for dev, 256 for schnell"
     )
@@ -330,6 +339,73 @@ class TrainSpec(_Spec):
     @classmethod
     def setting_names(cls) -> list[str]:
         return list(cls.model_fields)
+
+
+# Each family's text encoders, in the order of Base.text_encoders.
+TEXT_ENCODERS: dict[Family, tuple[str, ...]] = {
+    "sd15": ("CLIP-L",),
+    "sdxl": ("CLIP-L", "CLIP-G"),
+    "flux": ("CLIP-L", "T5-XXL"),
+}
+
+
+def varying_caption_settings(spec: TrainSpec) -> list[str]:
+    """The settings that change a caption from one step to the next, so that no encoding of it
+    can be kept (kohya refuses them with cache_text_encoder_outputs)."""
+    return [
+        f"{name}={value}"
+        for name, value in (
+            ("shuffle_caption", spec.shuffle_caption),
+            ("caption_dropout_rate", spec.caption_dropout_rate),
+            ("caption_dropout_every_n_epochs", spec.caption_dropout_every_n_epochs),
+            ("caption_tag_dropout_rate", spec.caption_tag_dropout_rate),
+        )
+        if value
+    ]
+
+
+class TextEncoding(BaseModel):
+    """Which text encoders run on every training step, which are run once per caption (their outputs
+    cached), and the settings that decide it."""
+
+    every_step: tuple[str, ...]
+    cached: tuple[str, ...]
+    reasons: tuple[str, ...]
+
+    @property
+    def message(self) -> str | None:
+        """One line for the member, or None when every caption is encoded once."""
+        if not self.every_step:
+            return None
+        who = " and ".join(self.every_step)
+        text = f"{who} {'runs' if len(self.every_step) == 1 else 'run'} on every step ({', '.join(self.reasons)})"
+        if self.cached:
+            text += f"; {' and '.join(self.cached)} encodes each caption once"
+        return text
+
+
+def text_encoding(spec: TrainSpec, family: Family) -> TextEncoding:
+    """Where the trainer runs each text encoder, for ``spec`` with its preset already applied.
+
+    Captions are encoded once and cached unless ``cache_text_encoder_outputs`` is off, a setting
+    changes captions between steps, or a text encoder is trained. Flux with CLIP-L trained caches
+    T5-XXL's outputs on their own and runs CLIP-L each step (kohya's partial caching). Weighted
+    captions are cached like any other.
+    """
+    names = TEXT_ENCODERS[family]
+    varying = varying_caption_settings(spec)
+    reasons = [] if spec.cache_text_encoder_outputs else ["cache_text_encoder_outputs=False"]
+    reasons += varying
+    if spec.train_text_encoder:
+        reasons.append(f"{names[0] if family == 'flux' else ' and '.join(names)} trained")
+    if not spec.cache_text_encoder_outputs or varying:
+        every, cached = names, ()
+    elif spec.train_text_encoder:
+        # Flux trains CLIP-L only (T5-XXL stays frozen, as kohya's default train_t5xxl=False).
+        every, cached = (names[:1], names[1:]) if family == "flux" else (names, ())
+    else:
+        every, cached = (), names
+    return TextEncoding(every_step=every, cached=cached, reasons=tuple(reasons))
 
 
 class IntakeSpec(_Spec):

@@ -44,6 +44,7 @@ from .spec import (
     SpecError,
     StageEvent,
     TrainSpec,
+    text_encoding,
 )
 from .text import Conditioning
 
@@ -210,10 +211,10 @@ class Trainer:
                     )
                 self.latent_cache[(str(item.path), flip)] = self._encode_images([item], [flip])[0]
         self.cond_cache: dict[str, Conditioning] = {}
-        self.cache_text = (
-            spec.cache_text_encoder_outputs and not spec.train_text_encoder and not self.rules.varies()
-        )
-        if self.cache_text:
+        self.text = text_encoding(spec, self.base.family)
+        if self.text.message:
+            self.emit(StageEvent(stage="text_encoders", message=self.text.message))
+        if self.text.cached:
             self.emit(StageEvent(stage="cache_text", message="encoding captions once"))
             captions = {self.rules.apply(item.caption, 0, random.Random(0)) for item in self.dataset.items}
             for caption in sorted(captions):
@@ -276,12 +277,14 @@ class Trainer:
         else:
             latents = self._encode_images(items, flips)
         captions = [self.rules.apply(i.caption, epoch, rng) for i in items]
-        if self.cache_text:
+        if self.text.cached:
             parts = [self.cond_cache[c] for c in captions]
             cond = Conditioning(
                 torch.cat([p.hidden_states for p in parts]),
                 None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]),
             )
+            if self.text.every_step:  # Flux's trained CLIP-L beside T5-XXL's cached outputs
+                cond = self.objective.encode_text(captions, grad=True, t5=cond.hidden_states)
         else:
             cond = self.objective.encode_text(captions, grad=self.spec.train_text_encoder)
         time_ids = self._time_ids(items) if self.base.family == "sdxl" else None

@@ -241,6 +241,48 @@ def test_timestep_sampling_gives_sigmas_in_range(kind):
         assert sigmas.mean() > plain._sigmas(4000, 64, torch.Generator().manual_seed(0)).mean() + 0.1
 
 
+def kohya_flux_loss(base, batch: Batch, gen: torch.Generator, kind: str) -> torch.Tensor:
+    """kohya's flux_train_network loss for timestep_sampling=uniform, written out from its source:
+    noise, σ ~ U(0, 1), x_t = (1 - σ) x_0 + σ ε, then flux_train_utils.apply_model_prediction_type:
+    raw: pred; additive: pred + x_t; sigma_scaled: pred · (-σ) + x_t (weighting_scheme uniform: 1);
+    target = noise - latents; MSE."""
+    latents = batch.latents
+    b, c, h, w = latents.shape
+    noise = torch.randn(latents.shape, generator=gen)
+    sigmas = torch.rand(b, generator=gen).view(-1, 1, 1, 1)
+    noisy = (1 - sigmas) * latents + sigmas * noise
+    with torch.no_grad():
+        packed = base.unet(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w),
+            timestep=sigmas.flatten(),
+            guidance=torch.full((b,), 3.5),
+            pooled_projections=batch.cond.pooled,
+            encoder_hidden_states=batch.cond.hidden_states,
+            txt_ids=torch.zeros(batch.cond.hidden_states.shape[1], 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", latents.dtype),
+            return_dict=False,
+        )[0]
+    pred = FluxPipeline._unpack_latents(packed, h * 2, w * 2, 2)
+    pred = {"raw": pred, "additive": pred + noisy, "sigma_scaled": pred * (-sigmas) + noisy}[kind]
+    return ((pred - (noise - latents)) ** 2).mean()
+
+
+@pytest.mark.parametrize("kind", ["raw", "additive", "sigma_scaled", None])
+def test_model_prediction_type_is_kohyas_with_kohyas_default(kind):
+    base = load_base("tiny:flux")
+    settings = {"timestep_sampling": "uniform", "t5xxl_max_token_length": 16}
+    spec = spec_for(**settings, **({"model_prediction_type": kind} if kind else {}))
+    objective = FlowMatching(base, spec, torch.device("cpu"), torch.float32)
+    cond = objective.encode_text(["a photo of sks", "sks"], grad=False)
+    batch = Batch(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), cond, None)
+    with torch.no_grad():
+        loss = objective.loss(batch, torch.Generator().manual_seed(0))
+    # Unset, it is kohya's flux_train_network default: sigma_scaled.
+    expected = kohya_flux_loss(base, batch, torch.Generator().manual_seed(0), kind or "sigma_scaled")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert spec.model_prediction_type == (kind or "sigma_scaled")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("data"), count=3, repeats=1)
@@ -299,6 +341,39 @@ def test_training_writes_kohya_flux_files_with_metadata_and_previews(trained):
     (epoch2,) = [e for e in events if getattr(e, "epoch", None) == 2 and e.type == "epoch"]
     text = Image.open(epoch2.sample_images[0]).info["parameters"]
     assert "Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 2.5, Seed: 5" in text
+
+
+def test_clip_l_trained_caches_t5_alone_and_only_clip_l_runs_in_a_step(tmp_path, data, monkeypatch):
+    from runner import train as train_module
+
+    log: list = []  # the trainer's events and each text encoder's forward calls, in order
+
+    def hooked(name):
+        base = load_base(name)
+        for label, encoder in zip(("clip", "t5"), base.text_encoders, strict=True):
+            encoder.register_forward_hook(lambda *_, label=label: log.append(label))
+        return base
+
+    monkeypatch.setattr(train_module, "load_base", hooked)
+    spec = spec_for(
+        train_data_dir=str(data),
+        output_dir=str(tmp_path),
+        trigger_word="sks",
+        max_train_epochs=2,
+        sample_every_n_epochs=0,
+        t5xxl_max_token_length=16,
+    )
+    result = train(spec, log.append, device="cpu")
+    assert isinstance(result, DoneEvent), result
+    notes = [e.message for e in log if getattr(e, "stage", None) == "text_encoders"]
+    assert notes == ["CLIP-L runs on every step (CLIP-L trained); T5-XXL encodes each caption once"]
+    first_step = next(i for i, e in enumerate(log) if getattr(e, "type", None) == "progress")
+    steps = sum(getattr(e, "type", None) == "progress" for e in log)
+    assert log[:first_step].count("t5") == 3  # the three captions, once each
+    assert "t5" not in log[first_step:] and log[first_step:].count("clip") == steps - 1
+    tensors = load_file(result.lora_file)
+    te_ups = [v for k, v in tensors.items() if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    assert te_ups and all(v.abs().sum() > 0 for v in te_ups)  # CLIP-L trained beside the cached T5
 
 
 def test_same_seed_same_lora(tmp_path, data):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from runner.spec import EpochEvent, FailedEvent, ProgressEvent, SpecError, TrainSpec, parse_event
+from runner.spec import (
+    EpochEvent,
+    FailedEvent,
+    ProgressEvent,
+    SpecError,
+    TextEncoding,
+    TrainSpec,
+    parse_event,
+    text_encoding,
+)
 
 BASE = {"base": "tiny:sd15", "train_data_dir": "d", "output_dir": "o", "output_name": "n"}
 
@@ -51,6 +60,58 @@ def test_learning_rate_fallbacks_and_warmup_fraction():
     assert spec.effective_unet_lr == 2e-4 and not spec.train_text_encoder and spec.train_unet
     assert spec.warmup_steps(1000) == 100
     assert TrainSpec.parse({**BASE, "lr_warmup_steps": 50}).warmup_steps(1000) == 50
+
+
+@pytest.mark.parametrize(
+    ("family", "settings", "every_step", "cached", "reasons"),
+    [
+        ("sd15", {"network_train_unet_only": True}, (), ("CLIP-L",), ()),
+        ("sd15", {}, ("CLIP-L",), (), ("CLIP-L trained",)),  # text_encoder_lr falls back to learning_rate
+        ("sd15", {"text_encoder_lr": 0}, (), ("CLIP-L",), ()),
+        ("sdxl", {"network_train_unet_only": True, "weighted_captions": True}, (), ("CLIP-L", "CLIP-G"), ()),
+        (
+            "sdxl",
+            {"network_train_unet_only": True, "shuffle_caption": True, "caption_tag_dropout_rate": 0.1},
+            ("CLIP-L", "CLIP-G"),
+            (),
+            ("shuffle_caption=True", "caption_tag_dropout_rate=0.1"),
+        ),
+        (
+            "sd15",
+            {"caption_dropout_rate": 0.05, "caption_dropout_every_n_epochs": 3, "text_encoder_lr": 0},
+            ("CLIP-L",),
+            (),
+            ("caption_dropout_rate=0.05", "caption_dropout_every_n_epochs=3"),
+        ),
+        (
+            "sdxl",
+            {"cache_text_encoder_outputs": False, "network_train_unet_only": True},
+            ("CLIP-L", "CLIP-G"),
+            (),
+            ("cache_text_encoder_outputs=False",),
+        ),
+        ("flux", {}, ("CLIP-L",), ("T5-XXL",), ("CLIP-L trained",)),  # kohya's partial caching
+        ("flux", {"network_train_unet_only": True}, (), ("CLIP-L", "T5-XXL"), ()),
+        (
+            "flux",
+            {"shuffle_caption": True},
+            ("CLIP-L", "T5-XXL"),
+            (),
+            ("shuffle_caption=True", "CLIP-L trained"),
+        ),
+    ],
+)
+def test_text_encoding_says_which_encoders_run_every_step_and_why(
+    family, settings, every_step, cached, reasons
+):
+    got = text_encoding(TrainSpec.parse({**BASE, **settings}), family)
+    assert got == TextEncoding(every_step=every_step, cached=cached, reasons=reasons)
+    if every_step:
+        who = " and ".join(every_step)
+        assert got.message.startswith(f"{who} run") and all(r in got.message for r in reasons)
+        assert ("encodes each caption once" in got.message) == bool(cached)
+    else:
+        assert got.message is None
 
 
 def test_events_parse_by_type():

@@ -13,9 +13,19 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from runner.models import load_base
 from runner.selftest import make_demo_dataset
-from runner.spec import DoneEvent, EpochEvent, FailedEvent, ProgressEvent, TrainSpec
-from runner.train import train
+from runner.spec import (
+    DoneEvent,
+    EpochEvent,
+    FailedEvent,
+    ProgressEvent,
+    StageEvent,
+    TextEncoding,
+    TrainSpec,
+    text_encoding,
+)
+from runner.train import concrete_spec, train
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +296,33 @@ def test_sdxl_trains_with_both_text_encoders(tmp_path, data):
     assert isinstance(result, DoneEvent), result
     assert {k.split("_text_model")[0] for k in t if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
     assert any(k.startswith("lora_unet_") for k in t)
+
+
+def stages(events: list, stage: str) -> list[str]:
+    return [e.message for e in events if isinstance(e, StageEvent) and e.stage == stage]
+
+
+def test_text_encoders_running_every_step_is_said_once(tmp_path, data, baseline):
+    # The default trains the text encoder (text_encoder_lr falls back to learning_rate).
+    assert stages(baseline[1], "text_encoders") == ["CLIP-L runs on every step (CLIP-L trained)"]
+    assert stages(baseline[1], "cache_text") == []
+    _, events, _ = run(tmp_path, data, network_train_unet_only=True)
+    assert stages(events, "text_encoders") == [] and len(stages(events, "cache_text")) == 1
+
+
+def test_sdxl_presets_follow_kohyas_fast_recipe_unless_the_member_asks():
+    base = load_base("tiny:sdxl")
+    common = {"base": "tiny:sdxl", "train_data_dir": "d", "output_dir": "o", "output_name": "n"}
+    for preset in ("character", "style", "concept"):
+        spec = concrete_spec(TrainSpec.parse({**common, "preset": preset}), base)
+        assert spec.network_train_unet_only and spec.cache_text_encoder_outputs
+        assert not spec.shuffle_caption and spec.caption_dropout_rate == 0
+        assert text_encoding(spec, "sdxl") == TextEncoding(
+            every_step=(), cached=("CLIP-L", "CLIP-G"), reasons=()
+        )
+    asked = concrete_spec(TrainSpec.parse({**common, "preset": "style", "shuffle_caption": True}), base)
+    assert asked.shuffle_caption and asked.caption_dropout_rate == 0
+    assert text_encoding(asked, "sdxl").every_step == ("CLIP-L", "CLIP-G")
 
 
 def test_preset_fills_unset_settings_only(tmp_path, data):

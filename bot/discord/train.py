@@ -32,6 +32,7 @@ from runner.spec import (
     TaggedEvent,
     TagSpec,
     TrainSpec,
+    text_encoding,
 )
 from runner.tagger import compose, split_caption
 
@@ -129,6 +130,14 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
     ]
     if s.get("train"):
         lines.append("Set: " + ", ".join(f"`{k}={v}`" for k, v in s["train"].items()))
+    try:
+        encoding = text_encoding(
+            parse_train(bot, draft, {k: v for k, v in eff.items() if k not in RESERVED}), family
+        )
+    except SpecError:
+        encoding = None  # the setting at fault is named below, with the cost
+    if encoding and encoding.message:
+        lines.append(f"⏱ {encoding.message}")
     if images:
         try:
             spec = parse_train(bot, draft, s.get("train", {}))
