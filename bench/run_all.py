@@ -72,6 +72,16 @@ def plan(args: argparse.Namespace) -> list[Step]:
                 metric="tests",
             )
         )
+        if args.only and any("flux" in o for o in args.only):
+            # random:flux (17B parameters) needs a device call of its own: asked for by --only flux.
+            # The test prints its peak VRAM and samples/s as one JSON line.
+            steps.append(
+                Step(
+                    "flux fp8_base",
+                    ["-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider", "tests/test_flux.py"],
+                    480,
+                )
+            )
     for fam in args.families:
         f = p["families"][fam]
         w = str(work / f"{args.profile}-{fam}")

@@ -70,8 +70,20 @@ def check_family_settings(settings: dict[str, Any], base: Base) -> None:
             for k, v in sizes.items()
             if any(side % step for side in v)
         ]
+        if settings["fp8_base"] and settings["mixed_precision"] == "no":
+            # kohya refuses it too: the fp8 weights are upcast to the mixed-precision dtype as they run.
+            bad.append("fp8_base needs mixed_precision=bf16 (or fp16)")
     if bad:
         raise SpecError("; ".join(bad))
+
+
+def store_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """fp8_base: keep the frozen transformer's weights in fp8, each layer upcast to ``compute_dtype``
+    as it runs (diffusers' layerwise casting; the norms and embeddings it leaves out are cast to
+    ``compute_dtype``). Call on the host, before the transformer moves to the GPU, so the GPU never
+    holds it in more than fp8, and before the LoRA layers exist, so they stay fp32."""
+    transformer.to(compute_dtype)
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
 def t5_length(base: Base, requested: int | None = None) -> int:
@@ -112,12 +124,6 @@ class FlowMatching:
         self.schedule = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=spec.discrete_flow_shift
         )
-        if spec.fp8_base:
-            # diffusers stores the frozen weights in fp8 and upcasts each layer as it runs; done before
-            # the LoRA layers exist, so they stay fp32.
-            base.unet.enable_layerwise_casting(
-                storage_dtype=torch.float8_e4m3fn, compute_dtype=base.unet.dtype
-            )
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(

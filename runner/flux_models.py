@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,19 @@ def _scheduler_config() -> dict[str, Any]:
     return json.loads((FLUX_CONFIG / "scheduler" / "scheduler_config.json").read_text())
 
 
-def tiny_flux() -> Base:
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Modules built from a config take torch's default dtype; a full-size Flux built in fp32 and cast
+    # afterwards would hold 48 GB of fp32 transformer on the host first.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def tiny_flux(dtype: torch.dtype = torch.float32) -> Base:
     with torch.random.fork_rng(devices=[]):  # a load must not reset the caller's seed
         torch.manual_seed(0)
         transformer = FluxTransformer2DModel(**TINY_TRANSFORMER)
@@ -94,15 +108,18 @@ def tiny_flux() -> Base:
             )
         )
         _biased_layer_norms([clip])
+    # Built in fp32 and cast, so every dtype holds the same (rounded) tiny model.
+    for m in (transformer, vae, clip, t5):
+        m.to(dtype)
     base = Base(
         "tiny:flux", "flux", transformer, vae, [clip, t5], [clip_tok, t5_tok], _scheduler_config(), 64
     )
     return _finish(base, hash_source=b"tiny:flux")
 
 
-def random_flux() -> Base:
+def random_flux(dtype: torch.dtype = torch.float32) -> Base:
     """FLUX.1-dev's architecture with random weights; build under ``with torch.device(...)``."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
         torch.manual_seed(0)
         transformer = FluxTransformer2DModel.from_config(_config("flux", "transformer"))
         vae = AutoencoderKL.from_config(_config("flux", "vae"))
@@ -142,23 +159,23 @@ def _from_pipeline(pipe: Any, name: str, model_hash: str, legacy: str) -> Base:
     return _finish(base, hash_source=name.encode())
 
 
-def flux_from_folder(path: Path, transformer: FluxTransformer2DModel | None = None) -> Base:
-    """A diffusers FLUX.1 folder (FluxPipeline); ``transformer`` replaces the folder's own."""
+def flux_from_folder(
+    path: Path, transformer: FluxTransformer2DModel | None = None, dtype: torch.dtype = torch.float32
+) -> Base:
+    """A diffusers FLUX.1 folder (FluxPipeline) loaded in ``dtype``; ``transformer`` replaces the folder's own."""
     from diffusers import FluxPipeline
 
     _check_components(path, path.name)
     kwargs = {"transformer": transformer} if transformer is not None else {}
     try:
-        pipe = FluxPipeline.from_pretrained(
-            str(path), local_files_only=True, torch_dtype=torch.float32, **kwargs
-        )
+        pipe = FluxPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, **kwargs)
     except Exception as e:  # diffusers raises many error types for damaged folders
         raise ModelError(f"{path.name} could not be loaded as a Flux diffusers model ({e})") from e
     digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
     return _from_pipeline(pipe, path.name, digest[:10], digest[:8])
 
 
-def flux_from_single_file(path: Path) -> Base:
+def flux_from_single_file(path: Path, dtype: torch.dtype = torch.float32) -> Base:
     """A single-file Flux transformer (bf16, fp16 or fp8, BFL's or ComfyUI's key names), with the VAE,
     text encoders and tokenizers from the diffusers folder named by ``$LORACORD_FLUX_COMPONENTS``."""
     components = os.environ.get(COMPONENTS_ENV)
@@ -175,11 +192,11 @@ def flux_from_single_file(path: Path) -> Base:
             config=str(FLUX_CONFIG),
             subfolder="transformer",
             local_files_only=True,
-            torch_dtype=torch.float32,
+            torch_dtype=dtype,
         )
     except Exception as e:  # as in flux_from_folder
         raise ModelError(f"{path.name} could not be loaded as a Flux transformer ({e})") from e
-    base = flux_from_folder(folder, transformer)
+    base = flux_from_folder(folder, transformer, dtype)
     base.name = path.stem
     base.model_hash, base.legacy_hash = _file_hashes(path)
     return base

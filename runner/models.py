@@ -434,11 +434,13 @@ def _from_pipeline(pipe: Any, name: str, family: Family, model_hash: str, legacy
     return _finish(base, hash_source=name.encode())
 
 
-def load_base(name: str, config_root: Path = CONFIGS) -> Base:
-    """Load a base model on the CPU in fp32; the caller moves it where it trains.
+def load_base(name: str, config_root: Path = CONFIGS, *, flux_dtype: torch.dtype = torch.float32) -> Base:
+    """Load a base model on the CPU, SD bases in fp32; the caller moves it where it trains.
 
     ``config_root`` holds one diffusers config folder per family (``sd15/``, ``sdxl/``) that a
-    single-file checkpoint is built from; the default is the shipped full-size one.
+    single-file checkpoint is built from; the default is the shipped full-size one. Flux bases are
+    loaded in ``flux_dtype``: FLUX.1 is released in bf16, and its 12B-parameter transformer takes
+    48 GB of host memory in fp32.
     """
     kind, _, arg = name.partition(":")
     if kind in ("tiny", "random") and arg:
@@ -449,7 +451,7 @@ def load_base(name: str, config_root: Path = CONFIGS) -> Base:
         if arg == "flux":
             from .flux_models import random_flux, tiny_flux
 
-            return tiny_flux() if kind == "tiny" else random_flux()
+            return tiny_flux(flux_dtype) if kind == "tiny" else random_flux(flux_dtype)
         return _tiny(arg) if kind == "tiny" else _random(arg)  # type: ignore[arg-type]
     path = Path(name).expanduser()
     if path.is_dir():
@@ -458,7 +460,7 @@ def load_base(name: str, config_root: Path = CONFIGS) -> Base:
         if _folder_family(path) == "flux":
             from .flux_models import flux_from_folder
 
-            return flux_from_folder(path)
+            return flux_from_folder(path, dtype=flux_dtype)
         return _from_folder(path)
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
@@ -468,7 +470,7 @@ def load_base(name: str, config_root: Path = CONFIGS) -> Base:
         if detect_family(path) == "flux":
             from .flux_models import flux_from_single_file
 
-            return flux_from_single_file(path)
+            return flux_from_single_file(path, flux_dtype)
         return _from_single_file(path, config_root)
     raise ModelError(
         f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, tiny:flux, "

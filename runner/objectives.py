@@ -41,7 +41,7 @@ class Objective(Protocol):
 def make_objective(
     base: Base, spec: TrainSpec, device: torch.device, autocast_dtype: torch.dtype
 ) -> Objective:
-    """The family's objective; call before adding LoRA (Flux's fp8 storage must not touch LoRA layers)."""
+    """The family's objective."""
     if base.family == "flux":
         from .flux import FlowMatching
 

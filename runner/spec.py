@@ -232,7 +232,11 @@ class TrainSpec(_Spec):
     t5xxl_max_token_length: int | None = Field(
         None, ge=8, le=512, description="T5 tokens; unset: 512 for dev, 256 for schnell"
     )
-    fp8_base: bool = Field(False, description="keep the frozen transformer in fp8 (half the memory of bf16)")
+    fp8_base: bool = Field(
+        False,
+        description="store the frozen transformer in fp8 (half the memory of bf16), cast on the host "
+        "before it moves to the GPU, each layer upcast as it runs; needs mixed_precision bf16 or fp16",
+    )
 
     # Run length.
     train_batch_size: int = Field(1, ge=1, le=256)

@@ -27,7 +27,7 @@ from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 
 from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batches, load_dataset, load_image
-from .flux import check_family_settings
+from .flux import check_family_settings, store_fp8
 from .generate import Sampler, default_sample_prompts, parse_sample_prompt, save_png
 from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metadata
 from .models import Base, ModelError, load_base
@@ -101,7 +101,8 @@ class Trainer:
 
     def _setup(self) -> None:
         self.emit(StageEvent(stage="load_model", message=f"loading {self.request.base}"))
-        self.base = load_base(self.request.base)
+        # Flux as it is released, in bf16: its transformer never passes through fp32 on the host.
+        self.base = load_base(self.request.base, flux_dtype=torch.bfloat16)
         self.spec = spec = concrete_spec(self.request, self.base)
         self.out = Path(spec.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +115,8 @@ class Trainer:
         # Frozen weights live in the compute dtype on a GPU; on a CPU autocast handles it and
         # fp32 weights keep results exact and reproducible.
         weight_dtype = self.autocast_dtype if self.device.type == "cuda" else torch.float32
+        if spec.fp8_base:
+            store_fp8(self.base.unet, weight_dtype)
         self.base.to(self.device, weight_dtype)
         self.objective = make_objective(self.base, spec, self.device, self.autocast_dtype)
         # Sample lines are checked now, not after the first epoch's hour of training.
@@ -194,6 +197,17 @@ class Trainer:
     def _cache(self) -> None:
         """Everything that does not change between steps is computed once, here."""
         spec = self.spec
+        self.cond_cache: dict[str, Conditioning] = {}
+        self.text = text_encoding(spec, self.base.family)
+        if self.text.message:
+            self.emit(StageEvent(stage="text_encoders", message=self.text.message))
+        if self.text.cached:
+            self.emit(StageEvent(stage="cache_text", message="encoding captions once"))
+            captions = {self.rules.apply(item.caption, 0, random.Random(0)) for item in self.dataset.items}
+            for caption in sorted(captions):
+                self.cond_cache[caption] = self.objective.encode_text([caption], grad=False)
+            # Before the latents: Flux's T5-XXL leaves the GPU before the VAE's activations need room.
+            self.objective.text_cached()
         self.latent_cache: dict[tuple[str, bool], torch.Tensor] = {}
         if spec.cache_latents:
             flips = (False, True) if spec.flip_aug else (False,)
@@ -210,16 +224,6 @@ class Trainer:
                         )
                     )
                 self.latent_cache[(str(item.path), flip)] = self._encode_images([item], [flip])[0]
-        self.cond_cache: dict[str, Conditioning] = {}
-        self.text = text_encoding(spec, self.base.family)
-        if self.text.message:
-            self.emit(StageEvent(stage="text_encoders", message=self.text.message))
-        if self.text.cached:
-            self.emit(StageEvent(stage="cache_text", message="encoding captions once"))
-            captions = {self.rules.apply(item.caption, 0, random.Random(0)) for item in self.dataset.items}
-            for caption in sorted(captions):
-                self.cond_cache[caption] = self.objective.encode_text([caption], grad=False)
-            self.objective.text_cached()
 
     # ---- per-step pieces ----
 

@@ -95,3 +95,29 @@ def test_runner_on_a_tiny_base_writes_a_record_for_every_step(tmp_path):
     assert ack["settings"]["members"] == 5 and ack["interactions"] == 30 and ack["violations"] == []
     assert 0 < ack["ack_ms_p50"] <= ack["ack_ms_p99"]
     assert (out / "results-tiny.jsonl").read_text().count("\n") == len(records)
+
+
+def test_gpu_profile_takes_the_flux_memory_figure_in_its_own_call():
+    from argparse import Namespace
+
+    from bench.run_all import plan
+
+    def steps_for(only):
+        args = Namespace(
+            profile="gpu",
+            work="/tmp/w",
+            ref_python=None,
+            kohya_python=None,
+            kohya_path=None,
+            families=["sd15"],
+            only=only,
+            refs=True,
+        )
+        return {s.name: s for s in plan(args)}
+
+    steps = steps_for(["flux"])
+    assert list(steps) == ["flux fp8_base"]
+    # -s: the test's JSON line (peak VRAM, samples/s) reaches the runner's stdout as a record.
+    assert steps["flux fp8_base"].metric == "train" and "-s" in steps["flux fp8_base"].argv
+    assert "tests/test_flux.py" in steps["flux fp8_base"].argv
+    assert "flux fp8_base" not in steps_for(None)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runner.flux import FlowMatching
+from runner.flux import FlowMatching, store_fp8
 from runner.flux_keys import diffusers_state_dict
 from runner.generate import gen_images
 from runner.lora_io import effective_delta, kohya_state_dict
@@ -348,8 +348,8 @@ def test_clip_l_trained_caches_t5_alone_and_only_clip_l_runs_in_a_step(tmp_path,
 
     log: list = []  # the trainer's events and each text encoder's forward calls, in order
 
-    def hooked(name):
-        base = load_base(name)
+    def hooked(name, **kwargs):
+        base = load_base(name, **kwargs)
         for label, encoder in zip(("clip", "t5"), base.text_encoders, strict=True):
             encoder.register_forward_hook(lambda *_, label=label: log.append(label))
         return base
@@ -385,7 +385,10 @@ def test_same_seed_same_lora(tmp_path, data):
 
 def test_fp8_base_stores_the_frozen_transformer_in_fp8_and_trains_lora_in_fp32():
     base = load_base("tiny:flux")
-    spec = spec_for(fp8_base=True, network_train_unet_only=True, t5xxl_max_token_length=16)
+    spec = spec_for(
+        fp8_base=True, mixed_precision="bf16", network_train_unet_only=True, t5xxl_max_token_length=16
+    )
+    store_fp8(base.unet, torch.float32)
     objective = FlowMatching(base, spec, torch.device("cpu"), torch.float32)
     add_lora(base, spec)
     cast_training_params(base.unet, torch.float32)  # as the trainer does; peft made them fp8 like their base
@@ -397,6 +400,37 @@ def test_fp8_base_stores_the_frozen_transformer_in_fp8_and_trains_lora_in_fp32()
     loss.backward()
     assert torch.isfinite(loss)
     assert any(m.up.grad is not None and m.up.grad.abs().sum() > 0 for m in lora_modules(base))
+
+
+def test_fp8_base_loads_in_bf16_and_is_fp8_before_it_reaches_the_device(tmp_path, data, monkeypatch):
+    from runner import train as train_module
+
+    loaded: list = []
+    moves: list = []  # (the dtype of a frozen transformer weight, the .to() call's arguments)
+
+    def recording(name, **kwargs):
+        base = load_base(name, **kwargs)
+        unet = base.unet
+        loaded.append({p.dtype for p in unet.parameters()})
+        to = unet.to
+
+        def record_to(*args, **kw):
+            moves.append((unet.transformer_blocks[0].attn.to_q.weight.dtype, args, kw))
+            return to(*args, **kw)
+
+        unet.to = record_to
+        return base
+
+    monkeypatch.setattr(train_module, "load_base", recording)
+    result, _ = run(tmp_path, data, fp8_base=True, mixed_precision="bf16", max_train_epochs=1)
+    assert isinstance(result, DoneEvent), result
+    assert loaded == [{torch.bfloat16}]  # never fp32 on the host
+    to_device = [
+        m for m in moves if any(isinstance(a, (str, torch.device)) for a in m[1]) or "device" in m[2]
+    ]
+    assert to_device and all(dtype == torch.float8_e4m3fn for dtype, *_ in to_device)
+    with pytest.raises(SpecError, match="fp8_base needs mixed_precision=bf16"):
+        concrete_spec(spec_for(fp8_base=True), load_base("tiny:flux"))
 
 
 def test_refusals_reach_the_member_as_failed_events(tmp_path, data):
@@ -439,16 +473,16 @@ def test_gen_with_the_trained_lora_changes_the_image_and_describes_it(trained, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_full_size_flux_lora_trains_on_the_gpu_and_loads_in_diffusers(tmp_path, monkeypatch):
-    """random:flux at 1024², batch 1, rank 16, bf16, fp8 base, gradient checkpointing: peak VRAM and
-    samples/s (printed as JSON for docs/benchmarks.md); first, diffusers' own converter (which only
-    knows FLUX.1's sizes) reading a full-size file, single blocks included, as the peft model computes."""
+    """random:flux at 1024², batch 1, rank 16, bf16, fp8 base, gradient checkpointing, cached text: the
+    README's 24 GB claim. Peak VRAM and samples/s are printed as one JSON line (bench/run_all.py's
+    "flux fp8_base" step records it for docs/benchmarks.md); first, diffusers' own converter (which
+    only knows FLUX.1's sizes) reading a full-size file, single blocks included, as peft computes."""
     import time
 
     from runner import train as train_module
 
     with torch.device("cuda"):  # random init of 17B parameters takes seconds here, minutes on a CPU
-        base = load_base("random:flux")
-    base.to("cuda", torch.bfloat16)
+        base = load_base("random:flux", flux_dtype=torch.bfloat16)
     # diffusers' own converter at FLUX.1's real sizes, single blocks included, before any training.
     add_lora(base, spec_for(network_dim=16, network_alpha=16, network_train_unet_only=True))
     with torch.no_grad():
@@ -462,8 +496,11 @@ def test_full_size_flux_lora_trains_on_the_gpu_and_loads_in_diffusers(tmp_path, 
     pipe.load_lora_weights(tensors)
     torch.testing.assert_close(transformer_output(base).float(), with_lora, rtol=0.02, atol=0.02)
     pipe.unload_lora_weights()
+    # The trainer starts from the host, where load_base leaves a base (in bf16): the peak below is
+    # what a member's run holds on the GPU.
+    base.to("cpu")
     torch.cuda.empty_cache()
-    monkeypatch.setattr(train_module, "load_base", lambda name: base)
+    monkeypatch.setattr(train_module, "load_base", lambda name, **_: base)
     data = make_demo_dataset(tmp_path / "data", count=4, repeats=1, size=(1024, 1024))
     spec = spec_for(
         train_data_dir=str(data),
@@ -486,15 +523,22 @@ def test_full_size_flux_lora_trains_on_the_gpu_and_loads_in_diffusers(tmp_path, 
     result = train(spec, events.append, device="cuda")
     assert isinstance(result, DoneEvent), result
     last = [e for e in events if e.type == "progress"][-1]
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     print(
         json.dumps(
             {
-                "bench": "train random:flux 1024² batch 1 rank 16 bf16 fp8_base gradient_checkpointing",
+                "bench": "train random:flux 1024² batch 1 rank 16 bf16 fp8_base gradient_checkpointing cached text",
                 "device": torch.cuda.get_device_name(),
-                "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "peak_vram_gib": round(peak_gib, 2),
+                "peak_vram_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
                 "samples_per_s": round(last.samples_per_s, 3),
                 "seconds": round(time.monotonic() - started, 1),
             }
-        )
+        ),
+        flush=True,
     )
     assert "lora_unet_single_blocks_37_linear1.lora_down.weight" in load_file(result.lora_file)
+    assert base.unet.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert base.text_encoders[1].device.type == "cpu"  # T5 left the GPU once the captions were cached
+    # A 24 GB card has 24 GiB, less the CUDA context and the allocator's slack.
+    assert torch.cuda.max_memory_reserved() / 2**30 < 23, "fp8_base does not fit a 24 GB card"

@@ -366,8 +366,8 @@ def hooked_base(monkeypatch):
     loaded, hooks = [], []
     original = train_module.load_base
 
-    def load(name):
-        base = original(name)
+    def load(name, **kwargs):
+        base = original(name, **kwargs)
         loaded.append(base)
         for hook in hooks:
             hook(base)
