@@ -225,3 +225,22 @@ def test_a_cancel_while_the_files_go_up_ends_the_job_before_it_starts(tmp_path, 
     assert len(messages) == 1 and isinstance(messages[0], WorkerEvent) and messages[0].job_id == 7
     event = messages[0].event
     assert isinstance(event, FailedEvent) and event.kind == "cancelled"
+
+
+def test_a_result_that_cannot_be_written_back_fails_the_job_and_the_worker_goes_on(tmp_path, local_ray):
+    cfg, db = ray_server(tmp_path)
+    blocked = jobs.submit_gen(
+        db, cfg, "bob", "a red circle", "tiny", {"steps": 1, "seed": 3, "width": 64, "height": 64}
+    )
+    # A file where the job's output folder should be: its images cannot land on the bot's side.
+    out = Path(blocked.spec_dict["output_dir"])
+    out.parent.mkdir(parents=True)
+    out.write_text("in the way")
+    after = jobs.submit_gen(
+        db, cfg, "bob", "a blue square", "tiny", {"steps": 1, "seed": 4, "width": 64, "height": 64}
+    )
+    asyncio.run(drive(Scheduler(db, cfg, make_dispatcher(cfg)), lambda: finished(db), timeout=180))
+    blocked, after = store.get_job(db, blocked.id), store.get_job(db, after.id)
+    assert blocked.state == "failed" and "could not be moved" in blocked.failure, blocked.failure
+    assert after.state == "done", after.failure
+    assert all(Path(p).is_file() for p in json.loads(after.result)["images"])

@@ -121,6 +121,9 @@ class RayWorker:
 
         self.worker = Worker(device)
         self.cancelled: set[Any] = set()
+        # Held while a job that is not served between training steps runs: the next one waits for
+        # it (its final event may be out while its thread is still returning), as `serve` does.
+        self.main = threading.Lock()
 
     @staticmethod
     def _root(key: str) -> Path:
@@ -148,10 +151,15 @@ class RayWorker:
                 yield {"event": NOT_STARTED.model_dump(mode="json")}
                 return
             events: queue.Queue[Any] = queue.Queue()
+            between = job["type"] != "train" and self.worker.training
 
             def work() -> None:
                 try:
-                    self.worker.run({**job, "spec": spec}, events.put)
+                    if between:
+                        self.worker.run({**job, "spec": spec}, events.put)
+                    else:
+                        with self.main:
+                            self.worker.run({**job, "spec": spec}, events.put)
                 finally:
                     events.put(None)
 
@@ -235,7 +243,7 @@ class RayDispatcher:
         key = hashlib.sha256(f"{self.data_dir.resolve()}\0{job_id}".encode()).hexdigest()[:16]
         # A LoRA gone from the bot stays unmoved: the worker then reports it missing, as locally.
         moved = [p for p in places(spec) if p.folder or Path(p.path).is_file()]
-        ended = False
+        ended = started = False
         try:
             await actor.discard.remote(key)  # what a killed attempt left on that node
             for place in moved:
@@ -245,6 +253,7 @@ class RayDispatcher:
                 self._emit(worker, job_id, NOT_STARTED)
                 return
             job = {"type": kind, "id": job_id, "spec": spec}
+            started = True
             async for ref in actor.run.remote(job, key, moved, self.chunk_bytes):
                 item = await ref
                 if "event" not in item:
@@ -270,6 +279,11 @@ class RayDispatcher:
         except Exception as e:  # a file that cannot be read or written, here or on the node
             log.exception("job %s on %s", job_id, worker)
             ended = True
+            # Failed here, the job must not run on there beside the next one, nor leave its files.
+            if started:
+                actor.cancel.remote(job_id)
+            else:
+                actor.discard.remote(key)
             cause = getattr(e, "cause", None) or e  # a RayTaskError carries the node's exception
             reason = f"the job's files could not be moved: {type(cause).__name__}: {cause}"[:400]
             self._emit(worker, job_id, FailedEvent(kind="error", reason=reason))
