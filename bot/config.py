@@ -35,6 +35,7 @@ class Quota(_Section):
     images_per_dataset: int = Field(200, ge=0)
     total_steps: int = Field(4000, ge=0, description="training steps of one job")
     storage_mb: float = Field(2048, ge=0, description="LoRA files kept")
+    open_drafts: int = Field(3, ge=0, description="/train threads not started yet")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -48,6 +49,7 @@ class QuotaOverride(_Section):
     images_per_dataset: int | None = Field(None, ge=0)
     total_steps: int | None = Field(None, ge=0)
     storage_mb: float | None = Field(None, ge=0)
+    open_drafts: int | None = Field(None, ge=0)
 
 
 class QuotaConfig(Quota):
@@ -64,6 +66,24 @@ class Scheduling(_Section):
     )
     poll_seconds: float = Field(0.2, gt=0, le=10, description="how often the database is read for new work")
     max_attempts: int = Field(3, ge=1, description="runs of one job before a crashing worker fails it")
+    overrun_grace_seconds: float = Field(
+        600, ge=0, le=86400, description="GPU time a running job may go past its owner's daily quota"
+    )
+
+
+class DataConfig(_Section):
+    """Bounds on what members' uploads and jobs may take of the disk (``dir`` is ``Config.data_dir``)."""
+
+    min_free_gb: float = Field(
+        2, ge=0, le=1e6, description="free disk below which uploads and new jobs are refused"
+    )
+    draft_days: float = Field(
+        7, gt=0, le=3650, description="drafts and uploads not started within this are deleted"
+    )
+    max_zip_members: int = Field(
+        2000, ge=1, le=1_000_000, description="entries in one zip; more: refused before anything is unpacked"
+    )
+    max_upload_mb: float = Field(500, gt=0, le=1e6, description="one attachment, streamed to disk")
 
 
 class Workers(_Section):
@@ -143,6 +163,7 @@ class Config(_Section):
     path: Path = Field(description="the config file itself")
     store: Path
     data_dir: Path
+    data: DataConfig = Field(default_factory=DataConfig)
     workers: Workers = Field(default_factory=Workers)
     ray: RayConfig = Field(default_factory=RayConfig)
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
@@ -198,7 +219,8 @@ def load_config(path: str | Path) -> Config:
     root = path.parent
     try:
         store = (raw.get("store") or {}).get("path", "loracord.db")
-        data = (raw.get("data") or {}).get("dir", "data")
+        data_section = dict(raw.get("data") or {})
+        data = data_section.pop("dir", "data")
         if discord.get("token_file"):
             discord["token_file"] = _resolve(root, discord["token_file"])
         if isinstance(discord.get("tagger"), str) and (root / Path(discord["tagger"]).expanduser()).is_dir():
@@ -211,6 +233,7 @@ def load_config(path: str | Path) -> Config:
                 "path": path,
                 "store": _resolve(root, store),
                 "data_dir": _resolve(root, data),
+                "data": data_section,
                 "workers": raw.get("workers") or {},
                 "ray": raw.get("ray") or {},
                 "quota": raw.get("quota") or {},

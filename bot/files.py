@@ -22,6 +22,43 @@ class PathError(ValueError):
     """A name that would leave the member's folder; the message says which."""
 
 
+class DiskFull(OSError):
+    """Less free disk than ``[data] min_free_gb``; the message is for members and the operator."""
+
+
+def check_free_disk(data_dir: Path, min_free_gb: float, needed: int = 0) -> None:
+    """Refuse before anything is written when the data folder's disk would go below the minimum
+    (``needed``: the bytes about to be written)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(data_dir).free
+    if free - needed < min_free_gb * 2**30:
+        raise DiskFull(
+            f"the server's disk is nearly full ({free / 2**30:.1f} GB free, {min_free_gb:g} GB needed); "
+            "nothing was saved: try again once the owner has made room"
+        )
+
+
+def storage_bytes(data_dir: Path, member: str) -> int:
+    """What the member's LoRAs (every saved epoch, its previews, the library) take on disk.
+
+    Read from the disk rather than the database so that whatever is deleted frees its quota at
+    once; hard links (the final file, library entries) share one inode and are counted once.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for folder in ("loras", "library"):
+        for path in member_dir(data_dir, member).joinpath(folder).rglob("*"):
+            try:
+                st = path.lstat()
+            except FileNotFoundError:  # deleted while counting
+                continue
+            if path.is_symlink() or not path.is_file() or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
 def member_dir(data_dir: Path, member: str) -> Path:
     if not _MEMBER_ID.fullmatch(member):
         raise PathError(f"member id '{member}' may only use letters, digits, '_' and '-'")

@@ -20,11 +20,12 @@ from typing import Any
 from sqlite_utils import Database
 
 from runner.presets import preset_settings
+from runner.sample_prompts import default_sample_prompts, parse_sample_prompt
 from runner.spec import SpecError, TagSpec, TrainSpec
 
 from . import store
 from .config import Config, ConfigError, Quota
-from .files import PathError, dataset_images, member_path
+from .files import DiskFull, PathError, check_free_disk, dataset_images, member_path, storage_bytes
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "queued": ("running", "cancelled"),
@@ -95,7 +96,24 @@ def usage(db: Database, cfg: Config, member: str, now: float | None = None) -> U
         queued=sum(j.state == "queued" for j in active),
         gpu_seconds_used=store.gpu_seconds_since(db, now - 86400, member).get(member, 0.0),
         gpu_seconds_reserved=sum(_expected(j, now) for j in active),
-        storage_bytes=store.storage_bytes(db, member),
+        storage_bytes=storage_bytes(cfg.data_dir, member),
+    )
+
+
+def overrun(db: Database, cfg: Config, job: store.Job, now: float | None = None) -> str | None:
+    """Why ``job`` must stop now, when its owner's GPU time in the last 24 hours (charged, plus what
+    their running jobs have used so far) is past the daily quota by more than the grace margin."""
+    now = time.time() if now is None else now
+    daily = effective_quota(db, cfg, job.owner).daily_gpu_seconds
+    used = store.gpu_seconds_since(db, now - 86400, job.owner).get(job.owner, 0.0)
+    running = store.list_jobs(db, ("running",), owner=job.owner)
+    used += sum(now - j.started_at for j in running if j.started_at)
+    if used <= daily + cfg.scheduling.overrun_grace_seconds:
+        return None
+    return (
+        f"stopped after epoch {job.last_epoch}: you used {used:.0f} s of GPU time in the last 24 hours, "
+        f"past your {daily:g} s a day; the epochs saved so far are kept (pick one, or train again "
+        "with fewer epochs or steps once your GPU time has come back)"
     )
 
 
@@ -146,6 +164,7 @@ class Estimate:
     seconds: float
     rate_key: str
     measured: bool  # from finished jobs, not the default
+    preview_seconds: float = 0.0  # of ``seconds``: rendering the preview rounds
 
 
 def base_family(base: str) -> str:
@@ -180,7 +199,39 @@ def estimate_train(db: Database, cfg: Config, spec: TrainSpec, family: str, weig
     steps = per_epoch * s["max_train_epochs"] if s["max_train_epochs"] else s["max_train_steps"]
     default = cfg.scheduling.seconds_per_step * (w * h / 512**2) * s["train_batch_size"]
     key = f"train|{spec.base}|{w}x{h}|b{s['train_batch_size']}"
-    return _cost(db, "train", key, steps, default)
+    estimate = _cost(db, "train", key, steps, default)
+    epochs = s["max_train_epochs"] or math.ceil(steps / max(per_epoch, 1))
+    estimate.preview_seconds = _preview_seconds(db, cfg, s, epochs, (w, h))
+    estimate.seconds = round(estimate.seconds + estimate.preview_seconds, 1)
+    return estimate
+
+
+def _preview_seconds(
+    db: Database, cfg: Config, s: dict[str, Any], epochs: int, size: tuple[int, int]
+) -> float:
+    """GPU time of the previews the trainer renders after saved epochs (runner.train's rule: every
+    ``sample_every_n_epochs``-th saved epoch and the last one), each prompt priced as a generation
+    of its own steps and size (``--s``, ``--w``, ``--h``) at the base's generation rate."""
+    save = s["save_every_n_epochs"]
+    every = save if s["sample_every_n_epochs"] is None else s["sample_every_n_epochs"]
+    if not every:
+        return 0.0
+    rounds = sum(
+        1 for e in range(1, epochs + 1) if (e % save == 0 or e == epochs) and (e % every == 0 or e == epochs)
+    )
+    # The trainer's default lines are the trigger and common tags: their count is what matters here.
+    lines = s["sample_prompts"] or default_sample_prompts(s["trigger_word"], [])
+    seconds = 0.0
+    for line in lines:
+        try:
+            sp = parse_sample_prompt(
+                line, width=size[0], height=size[1], steps=s["sample_steps"], sampler="", seed=0
+            )
+        except ValueError as e:
+            raise SpecError(f"sample_prompts: {e}") from None
+        rate_default = cfg.scheduling.gen_seconds_per_step * (sp.width * sp.height / 512**2)
+        seconds += _cost(db, "gen", f"gen|{s['base']}|{sp.width}x{sp.height}", sp.steps, rate_default).seconds
+    return round(rounds * seconds, 1)
 
 
 def estimate_gen(db: Database, cfg: Config, spec: dict[str, Any], family: str) -> Estimate:
@@ -204,6 +255,10 @@ def _submit(
     estimate: Estimate,
     images: int | None = None,
 ) -> store.Job:
+    try:
+        check_free_disk(cfg.data_dir, cfg.data.min_free_gb)
+    except DiskFull as e:
+        raise JobError(f"not queued: {e}") from None
     with store.immediate(db):
         check_quota(usage(db, cfg, member), estimate, images)
         job_id = store.insert_job(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from runner.spec import DoneEvent, EpochEvent, FailedEvent, ImagesEvent, Progres
 from . import jobs, store
 from .config import Config
 from .dispatch import FINAL, Dispatcher, Message, WorkerDied
-from .files import sha256_file
+from .files import DiskFull, check_free_disk, sha256_file
 
 log = logging.getLogger(__name__)
 Listener = Callable[[store.Job, Any], Awaitable[None] | None]
@@ -57,6 +58,7 @@ class Scheduler:
         self._lent: dict[int, float] = {}  # training job → seconds its worker spent on short jobs
         self._cancel_sent: set[int] = set()
         self.restarts = 0
+        self.problems: dict[str, str] = {}  # "disk" | "store" → why jobs cannot start or be recorded now
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(job, event)`` after each event is recorded (the Discord side's hook).
@@ -72,18 +74,45 @@ class Scheduler:
         await self.dispatcher.start(self.inbox)
         try:
             while not stop.is_set():
-                await self.tick()
+                try:
+                    await self.tick()
+                    self._resolved("store")
+                except sqlite3.OperationalError as e:
+                    self._report("store", f"the database cannot be written ({e}); no job starts until it can")
                 try:
                     async with asyncio.timeout(self.cfg.scheduling.poll_seconds):
                         msg = await self.inbox.get()
                 except TimeoutError:
                     continue
-                await self.handle(msg)  # never under the timeout: a half-recorded event is lost
+                await self._record(msg, stop)  # never under the timeout: a half-recorded event is lost
                 while not self.inbox.empty():
-                    await self.handle(self.inbox.get_nowait())
+                    await self._record(self.inbox.get_nowait(), stop)
         finally:
             await self.dispatcher.close()
             self.recover("the bot was stopped while it ran")
+
+    async def _record(self, msg: Message, stop: asyncio.Event) -> None:
+        """``handle`` until the store takes it: a full disk holds events back (the worker goes on)
+        instead of losing them or ending the scheduler."""
+        while True:
+            try:
+                await self.handle(msg)
+                self._resolved("store")
+                return
+            except sqlite3.OperationalError as e:
+                self._report("store", f"the database cannot be written ({e}); events wait until it can")
+                if stop.is_set():
+                    return
+                await asyncio.sleep(self.cfg.scheduling.poll_seconds)
+
+    def _report(self, kind: str, problem: str) -> None:
+        if self.problems.get(kind) != problem:  # once per episode, not once per poll
+            log.error("%s", problem)
+        self.problems[kind] = problem
+
+    def _resolved(self, kind: str) -> None:
+        if self.problems.pop(kind, None) is not None:
+            log.warning("resolved: %s", kind)
 
     def recover(self, reason: str, charge: bool = True) -> None:
         """Send every running job back to the queue (or fail it after too many tries)."""
@@ -98,6 +127,12 @@ class Scheduler:
                 await self.dispatcher.cancel(job.worker, job.id)
         if store.get_setting(self.db, "paused", False):
             return
+        try:
+            check_free_disk(self.cfg.data_dir, self.cfg.data.min_free_gb)
+        except DiskFull as e:
+            self._report("disk", f"no job starts: {e}")
+            return
+        self._resolved("disk")
         if all(s.main is not None and (not s.training or s.between) for s in self.slots.values()):
             return  # no worker could take any job now
         queued = store.list_jobs(self.db, ("queued",))
@@ -137,15 +172,19 @@ class Scheduler:
 
     async def _start(self, job: store.Job, worker: str) -> bool:
         try:
-            jobs.move(
-                self.db,
-                job.id,
-                "running",
-                worker=worker,
-                started_at=time.time(),
-                attempts=job.attempts + 1,
-                progress=None,
-            )
+            # One transaction: a write that fails (a full disk) leaves the job queued, never
+            # "running" without a worker that has it.
+            with store.immediate(self.db):
+                jobs.move(
+                    self.db,
+                    job.id,
+                    "running",
+                    worker=worker,
+                    started_at=time.time(),
+                    attempts=job.attempts + 1,
+                    progress=None,
+                )
+                store.add_event(self.db, job.id, "started", {"worker": worker, "attempt": job.attempts + 1})
         except jobs.JobError:
             return False  # cancelled by another process in the meantime
         slot = self.slots[worker]
@@ -155,7 +194,6 @@ class Scheduler:
             slot.between.add(job.id)
         if worker in self._freed_at:
             self.timing.end_to_start_s.append(time.monotonic() - self._freed_at.pop(worker))
-        store.add_event(self.db, job.id, "started", {"worker": worker, "attempt": job.attempts + 1})
         await self.dispatcher.send(worker, job.id, job.kind, job.spec_dict)
         return True
 
@@ -176,6 +214,9 @@ class Scheduler:
         if job is None or job.state != "running":
             return  # a late event of a job already finished or recovered
         event = msg.event
+        if isinstance(event, FailedEvent) and event.kind == "cancelled" and job.failure:
+            # Stopped by the scheduler (over the daily GPU time), not by its owner: say so.
+            event = FailedEvent(kind="error", reason=job.failure)
         if isinstance(event, ProgressEvent):
             store.update_job(self.db, job.id, progress=event.model_dump_json())
         else:
@@ -184,6 +225,7 @@ class Scheduler:
             store.update_job(self.db, job.id, last_epoch=event.epoch)
             await self._artifacts(job, "lora", [event.lora_file], event.epoch)
             await self._artifacts(job, "image", event.sample_images, event.epoch)
+            await self._stop_if_over(store.get_job(self.db, job.id))
         elif isinstance(event, DoneEvent):
             await self._artifacts(job, "lora", [event.lora_file], None)
         elif isinstance(event, ImagesEvent):
@@ -205,6 +247,18 @@ class Scheduler:
             p = Path(path)
             digest = await asyncio.to_thread(sha256_file, p)  # LoRAs are large; the loop stays free
             store.add_artifact(self.db, job.id, job.owner, kind, str(p), digest, p.stat().st_size, epoch)
+
+    async def _stop_if_over(self, job: store.Job) -> None:
+        """A training job past its owner's daily GPU time (and the grace) stops right after the
+        epoch it just saved; ``failure`` holds the reason until its worker confirms the stop."""
+        if job.kind != "train" or job.cancel_requested:
+            return
+        reason = jobs.overrun(self.db, self.cfg, job)
+        if reason is None:
+            return
+        store.update_job(self.db, job.id, cancel_requested=1, failure=reason)
+        self._cancel_sent.add(job.id)
+        await self.dispatcher.cancel(job.worker, job.id)
 
     def _charge(self, job: store.Job, now: float, measured: float | None = None) -> float:
         """Charge this attempt's GPU time: wall time on the worker, less what short jobs borrowed
@@ -236,7 +290,9 @@ class Scheduler:
         now = time.time()
         seconds = self._charge(job, now) if charge and job.started_at else 0.0
         values: dict[str, Any] = {"run_seconds": job.run_seconds + seconds}
-        if job.cancel_requested:
+        if job.cancel_requested and job.failure:  # stopped over quota; it will not resume
+            jobs.move(self.db, job.id, "failed", finished_at=now, failure=job.failure, **values)
+        elif job.cancel_requested:
             jobs.move(
                 self.db, job.id, "cancelled", finished_at=now, failure=f"cancelled ({reason})", **values
             )

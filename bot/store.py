@@ -424,11 +424,12 @@ def artifacts(db: Database, job_id: int) -> list[dict[str, Any]]:
     return list(db.query("SELECT * FROM artifacts WHERE job_id = ? ORDER BY id", [job_id]))
 
 
-def storage_bytes(db: Database, owner: str) -> int:
-    row = db.execute(
-        "SELECT coalesce(sum(size), 0) FROM artifacts WHERE owner = ? AND kind = 'lora'", [owner]
-    )
-    return row.fetchone()[0]
+def delete_artifacts(db: Database, owner: str, job_id: int | None = None) -> None:
+    """Forget the files of one job of ``owner`` (all their jobs when None) once they are deleted."""
+    if job_id is None:
+        db.execute("DELETE FROM artifacts WHERE owner = ?", [owner])
+    else:
+        db.execute("DELETE FROM artifacts WHERE owner = ? AND job_id = ?", [owner, job_id])
 
 
 # ---- GPU time ----

@@ -180,13 +180,37 @@ def _is_link(info: zipfile.ZipInfo) -> bool:
     return (info.external_attr >> 16) & 0o170000 == 0o120000
 
 
+def _zip_entries(path: Path) -> int | None:
+    """The entry count a zip's end record declares, read without parsing its directory (which for
+    millions of entries takes minutes and gigabytes); None when there is no end record.
+    ``zipfile._EndRecData`` is zipfile's own reader of that record (zip64 included); it is private
+    but has not changed since Python 2, and there is no public way to get the count alone."""
+    with open(path, "rb") as f:
+        end = zipfile._EndRecData(f)  # noqa: SLF001
+    return None if end is None else end[zipfile._ECD_ENTRIES_TOTAL]  # noqa: SLF001
+
+
 def _zip_candidates(path: Path, spec: IntakeSpec, display: str) -> Iterator[_Candidate | IntakeEntry]:
     try:
+        entries = _zip_entries(path)
+        if entries is not None and entries > spec.max_zip_members:
+            yield _rejected(
+                display,
+                f"holds {entries} files, more than the {spec.max_zip_members} a zip may hold; "
+                "nothing in it was unpacked: send a zip of just the images you want to train on",
+            )
+            return
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         yield _rejected(display, f"not a zip that can be opened ({e}); zip the images again")
         return
     with zf:
+        if len(zf.infolist()) > spec.max_zip_members:  # its end record understated the count
+            yield _rejected(
+                display,
+                f"holds more than the {spec.max_zip_members} files a zip may hold; nothing was unpacked",
+            )
+            return
         members = [(info, _member_name(info)) for info in zf.infolist() if not info.is_dir()]
         by_name = {name.replace("\\", "/").lower(): info for info, name in members}
         budget = {"left": spec.max_zip_mb * 2**20}

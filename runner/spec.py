@@ -431,6 +431,13 @@ class IntakeSpec(_Spec):
     max_megapixels: float = Field(50, gt=0, le=1000)
     max_zip_mb: float = Field(2048, gt=0, le=65536, description="everything a zip unpacks to")
     max_zip_ratio: float = Field(100, ge=1, le=100_000, description="unpacked/packed size of one zip member")
+    max_zip_members: int = Field(
+        2000,
+        ge=1,
+        le=1_000_000,
+        description="entries in one zip (folders and captions included); a zip with more is refused "
+        "whole, from its end record, before its directory is read or anything is unpacked",
+    )
     duplicate_distance: int = Field(6, ge=0, le=64, description="perceptual-hash bits that may differ")
 
 

@@ -473,7 +473,11 @@ class Trainer:
             if last:
                 break
         final = self.out / f"{spec.output_name}.safetensors"
-        shutil.copyfile(epoch_files[-1], final)
+        final.unlink(missing_ok=True)
+        try:
+            os.link(epoch_files[-1], final)  # the last epoch's file under its final name, not a second copy
+        except OSError:  # a file system without hard links
+            shutil.copyfile(epoch_files[-1], final)
         return DoneEvent(
             lora_file=str(final),
             epoch_files=epoch_files,

@@ -9,10 +9,13 @@ from bot.config import Config, load_config
 TRAIN = {"max_train_epochs": 2, "sample_every_n_epochs": 0, "network_dim": 4, "network_alpha": 2}
 
 
-def write_config(root: Path, extra: str = "", devices: str = '["cpu"]', dispatch: str = "local") -> Config:
+def write_config(
+    root: Path, extra: str = "", devices: str = '["cpu"]', dispatch: str = "local", data: str = ""
+) -> Config:
+    """``data``: lines for the ``[data]`` table (``extra`` comes after the other tables)."""
     path = root / "server.toml"
     path.write_text(
-        f'[store]\npath = "db/loracord.db"\n[data]\ndir = "data"\n'
+        f'[store]\npath = "db/loracord.db"\n[data]\ndir = "data"\n{data}'
         f'[workers]\ndevices = {devices}\ndispatch = "{dispatch}"\n'
         f'[bases]\ntiny = "tiny:sd15"\n"タイニー XL" = "tiny:sdxl"\n{extra}',
         encoding="utf-8",

@@ -103,7 +103,9 @@ def test_quota_refusals_say_what_is_over_and_by_how_much(server):
     make_demo_dataset(member_path(cfg.data_dir, "carol", "datasets", "big"), count=11, repeats=1)
     with pytest.raises(jobs.QuotaError, match=r"images in the dataset: 11 of 10 allowed \(over by 1\)"):
         jobs.submit_train(db, cfg, "carol", "big", "tiny", "big", TRAIN)
-    store.add_artifact(db, 1, "carol", "lora", "/x.safetensors", "0" * 64, 3 * 2**20, 1)
+    lora = member_path(cfg.data_dir, "carol", "loras", "1", "x.safetensors")  # storage is what is on disk
+    lora.parent.mkdir(parents=True)
+    lora.write_bytes(bytes(3 * 2**20))
     with pytest.raises(jobs.QuotaError, match=r"storage: your LoRAs use 3.0 MB of 1 MB \(over by 2.0 MB\)"):
         train(cfg, db, "carol")
 

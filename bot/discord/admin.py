@@ -127,6 +127,7 @@ class Cog(commands.Cog, name="Cog_admin"):
         state.delete_lora(self.bot.db, who)
         state.delete_drafts(self.bot.db, who)
         shutil.rmtree(member_dir(self.bot.cfg.data_dir, who), ignore_errors=True)
+        store.delete_artifacts(self.bot.db, who)
         await say(ix, f"Purged <@{who}>'s data.", allowed_mentions=discord.AllowedMentions.none())
 
     @admin.command(name="quota", description="Set a role's limit ('default' removes it)")

@@ -61,6 +61,16 @@ def keep_epoch(
     return lora
 
 
+def delete(bot: commands.Bot, lo: state.Lora) -> None:
+    """Remove a library entry and the files of the training behind it (every saved epoch and its
+    previews), so the member's storage quota gets all of that space back."""
+    state.delete_lora(bot.db, lo.owner, lo.name)
+    Path(lo.path).unlink(missing_ok=True)
+    if lo.job_id is not None:
+        shutil.rmtree(member_path(bot.cfg.data_dir, lo.owner, "loras", str(lo.job_id)), ignore_errors=True)
+        store.delete_artifacts(bot.db, lo.owner, lo.job_id)
+
+
 def resolve(db, member: str, name: str) -> state.Lora:
     """A LoRA the member may use, by its library name: their own first, then one shared by others."""
     name = name.strip()
@@ -118,9 +128,12 @@ class LoraButton(
             what = "shared with everyone here" if self.action == "share" else "private again"
             await say(ix, f"**{lo.name}** is {what}.")
         else:
-            state.delete_lora(bot.db, lo.owner, lo.name)
-            Path(lo.path).unlink(missing_ok=True)
-            await say(ix, f"**{lo.name}** was deleted from your library.")
+            job = store.get_job(bot.db, lo.job_id) if lo.job_id else None
+            if job is not None and job.state in store.ACTIVE:
+                await say(ix, f"**{lo.name}** is still training (job #{job.id}); cancel it first.")
+                return
+            delete(bot, lo)
+            await say(ix, f"**{lo.name}** was deleted from your library, with every epoch of its training.")
 
 
 class LoraSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:ls:(?P<owner>\d+)"):

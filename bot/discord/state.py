@@ -79,6 +79,18 @@ def latest_draft(db: Database, owner: str) -> Draft | None:
     return _draft(list(db.query(sql, [owner])))
 
 
+def open_drafts(db: Database, owner: str) -> list[Draft]:
+    """The member's drafts not started yet, oldest first."""
+    sql = "SELECT * FROM discord_drafts WHERE owner = ? AND job_id IS NULL ORDER BY id"
+    return [Draft(**{k: r[k] for k in _DRAFT}) for r in db.query(sql, [owner])]
+
+
+def stale_drafts(db: Database, before: float) -> list[Draft]:
+    """Drafts of any member made before ``before`` and never started."""
+    sql = "SELECT * FROM discord_drafts WHERE job_id IS NULL AND created_at < ? ORDER BY id"
+    return [Draft(**{k: r[k] for k in _DRAFT}) for r in db.query(sql, [before])]
+
+
 def update_draft(db: Database, draft_id: int, **values: Any) -> Draft:
     if "settings" in values:
         values["settings"] = json.dumps(values["settings"], ensure_ascii=False)

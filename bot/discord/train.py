@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import re
 import shutil
+import time
 import typing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import discord
 from discord import app_commands
-from discord.ext import commands
+from discord.ext import commands, tasks
 from PIL import Image
 
 from runner.cli import parse_value
@@ -38,7 +44,7 @@ from runner.tagger import compose, split_caption
 
 from .. import jobs, store
 from ..config import ConfigError
-from ..files import PathError, dataset_images, member_path
+from ..files import DiskFull, PathError, check_free_disk, dataset_images, member_path
 from . import library, state
 from .common import (
     bar,
@@ -61,13 +67,18 @@ from .common import (
 from .delivery import outbox_nonce
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 PRESETS = ("character", "style", "concept")
 SUBSET = "img"  # the dataset's one kohya folder is {repeats}_img
 DEFAULT_REPEATS = 10
 RESERVED = {"base", "output_name", "train_data_dir", "output_dir", "resume", "trigger_word", "preset"}
 TAG_PAGE = 25  # Discord's limit of options in a select
 _SUBSET_DIR = re.compile(rf"(\d+)_{SUBSET}")
-_MAX_UPLOAD = 500 * 2**20  # what is downloaded from one attachment (a zip of a large dataset)
+_CHILDREN = multiprocessing.get_context("forkserver")
+_CHILDREN.set_forkserver_preload(["runner.intake"])
+_CHUNK = 1 << 16  # bytes an attachment is written to disk by, never held whole in memory
+_SWEEP_MINUTES = 60
 
 
 # ---- the draft's dataset and settings ----
@@ -419,6 +430,18 @@ class Cog(commands.Cog, name="Cog_train"):
         except SpecError as e:
             await say(ix, f"That name cannot be used: {e}")
             return
+        me = member_id(ix.user)
+        store.ensure_member(bot.db, me, role_ids(ix.user))
+        drafts = state.open_drafts(bot.db, me)
+        allowed = jobs.effective_quota(bot.db, bot.cfg, me).open_drafts
+        if len(drafts) >= allowed:
+            threads = " ".join(f"<#{d.thread_id}>" for d in drafts[-5:])
+            await say(
+                ix,
+                f"You have {len(drafts)} LoRA(s) not started yet, the most allowed is {allowed}: "
+                f"press Start or Cancel on one first ({threads}).",
+            )
+            return
         channel = (
             bot.get_channel(bot.cfg.discord.train_channel) if bot.cfg.discord.train_channel else ix.channel
         )
@@ -645,13 +668,17 @@ class Cog(commands.Cog, name="Cog_train"):
     ) -> None:
         lock = self._intake_locks.setdefault(draft.id, asyncio.Lock())
         async with lock:
+            data = self.bot.cfg.data
+            try:
+                check_free_disk(self.bot.cfg.data_dir, data.min_free_gb, sum(a.size for a in attachments))
+            except DiskFull as e:
+                await thread.send(f"Not taken in: {e}.")
+                return
             uploads = member_path(self.bot.cfg.data_dir, draft.owner, "uploads", draft.dataset)
             sources, problems = [], []
+            report = None
             try:
                 for i, a in enumerate(attachments):
-                    if a.size > _MAX_UPLOAD:
-                        problems.append(f"✗ {a.filename}: {size_text(a.size)} is too large to take in")
-                        continue
                     try:
                         path = member_path(
                             self.bot.cfg.data_dir,
@@ -663,10 +690,11 @@ class Cog(commands.Cog, name="Cog_train"):
                         )
                     except PathError:
                         path = uploads / f"{a.id}-{i}" / f"file{Path(a.filename).suffix[:8]}"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    await a.save(path)
-                    sources.append(str(path))
-                report = None
+                    problem = await download(a, path, int(data.max_upload_mb * 2**20))
+                    if problem:
+                        problems.append(f"✗ {a.filename}: {problem}")
+                    else:
+                        sources.append(str(path))
                 if sources:
                     _, family = effective(self.bot, draft)
                     spec = IntakeSpec(
@@ -678,11 +706,19 @@ class Cog(commands.Cog, name="Cog_train"):
                         max_images=jobs.effective_quota(
                             self.bot.db, self.bot.cfg, draft.owner
                         ).images_per_dataset,
+                        max_zip_members=data.max_zip_members,
                     )
                     existing = subset_dir(dataset_dir(self.bot, draft))
                     if existing is not None and existing.name != f"{spec.num_repeats}_{SUBSET}":
                         existing.rename(existing.with_name(f"{spec.num_repeats}_{SUBSET}"))
-                    report = await asyncio.to_thread(build_dataset, spec)
+                    try:
+                        report = await in_child_process(build_dataset, spec)
+                    except BrokenProcessPool:
+                        log.error("draft %s: the image decoder crashed", draft.id)
+                        problems.append(
+                            "✗ the image reader crashed on these files, so none of them was added; "
+                            "send them again as PNG or JPEG (a few at a time shows which one it is)"
+                        )
             finally:
                 shutil.rmtree(uploads, ignore_errors=True)
             if report is not None:
@@ -695,6 +731,49 @@ class Cog(commands.Cog, name="Cog_train"):
             if problems:
                 await thread.send(clip("Some files need a look:\n" + "\n".join(problems)))
             await refresh_card(self.bot, state.get_draft(self.bot.db, draft.id))
+
+    # ---- drafts nobody started ----
+
+    async def cog_load(self) -> None:
+        self._sweeper.start()
+
+    async def cog_unload(self) -> None:
+        self._sweeper.cancel()
+
+    @tasks.loop(minutes=_SWEEP_MINUTES)
+    async def _sweeper(self) -> None:
+        try:
+            await self.sweep()
+        except Exception:  # the next round tries again; the bot goes on
+            log.exception("sweeping old drafts failed")
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete drafts (files and rows) and leftover uploads older than ``[data] draft_days`` that
+        were never started; returns how many drafts went."""
+        cfg = self.bot.cfg
+        before = (time.time() if now is None else now) - cfg.data.draft_days * 86400
+        stale = state.stale_drafts(self.bot.db, before)
+        for draft in stale:
+            tagging = store.get_job(self.bot.db, draft.tag_job_id) if draft.tag_job_id else None
+            if tagging is not None and tagging.state in store.ACTIVE:
+                jobs.request_cancel(self.bot.db, tagging.id)
+            await asyncio.to_thread(shutil.rmtree, dataset_dir(self.bot, draft), True)
+            state.delete_draft(self.bot.db, draft.id)
+            if draft.card_id is not None:
+                self.bot.edits.edit(
+                    draft.thread_id,
+                    draft.card_id,
+                    content=f"Discarded: not started within {cfg.data.draft_days:g} days. Start a new /train.",
+                    embed=None,
+                    attachments=[],
+                    view=None,
+                )
+        for upload in (cfg.data_dir / "members").glob("*/uploads/*"):
+            if upload.stat().st_mtime < before:
+                await asyncio.to_thread(shutil.rmtree, upload, True)
+        if stale:
+            log.info("discarded %d draft(s) not started within %g days", len(stale), cfg.data.draft_days)
+        return len(stale)
 
     # ---- what the worker reports ----
 
@@ -807,6 +886,46 @@ class Cog(commands.Cog, name="Cog_train"):
         ) + "".join(f"\n{u}" for u in links)
         mention = discord.AllowedMentions(users=[discord.Object(int(job.owner))])
         await thread.send(clip(text), files=files, view=view, allowed_mentions=mention, nonce=outbox_nonce())
+
+
+async def download(attachment: discord.Attachment, path: Path, limit: int) -> str | None:
+    """Stream one attachment to ``path`` in chunks (a 500 MB zip never sits in memory); returns
+    why it was not saved, or None. discord.py's ``Attachment.save`` reads the whole file first."""
+    if attachment.size > limit:
+        return (
+            f"{attachment.size / 2**20:.0f} MB is too large to take in (the limit is {limit / 2**20:.0f} MB)"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    try:
+        async with aiohttp.ClientSession() as session, session.get(attachment.url) as response:
+            response.raise_for_status()
+            with open(path, "wb") as f:
+                async for chunk in response.content.iter_chunked(_CHUNK):
+                    written += len(chunk)
+                    if written > limit:  # the size Discord announced can be wrong; the limit holds
+                        raise ValueError
+                    f.write(chunk)
+    except ValueError:
+        path.unlink(missing_ok=True)
+        return f"more than {limit / 2**20:.0f} MB; not taken in"
+    except (aiohttp.ClientError, TimeoutError) as e:
+        path.unlink(missing_ok=True)
+        return f"could not be downloaded from Discord ({e or type(e).__name__}); send it again"
+    return None
+
+
+async def in_child_process(fn: Callable[[T], R], arg: T) -> R:
+    """``fn(arg)`` in a fresh process: image decoders are native code, and one that crashes on a
+    member's file must not take the bot (and every member's session) down with it.
+    ``BrokenProcessPool`` says the child died. Children are forked from a forkserver (a small
+    single-threaded process with the intake code already imported): quick to start, and never a
+    fork of this threaded process, which could deadlock, nor a copy of its memory."""
+    pool = ProcessPoolExecutor(1, mp_context=_CHILDREN)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+    finally:
+        await asyncio.to_thread(pool.shutdown)
 
 
 def queued_text(bot: commands.Bot, job: store.Job) -> str:
