@@ -18,7 +18,9 @@ def test_jobs_and_quota_commands(tmp_path, capsys):
     c = ["--config", str(cfg.path)]
     train = ["train", str(data), "--base", "tiny", "--set", "max_train_epochs=2", "--set", "network_dim=4"]
     assert main(["jobs", "submit", *c, "--user", "alice", *train, "--name", "first"]) == 0
-    assert "job 1 queued: costs about 4s of GPU time, position 1" in capsys.readouterr().out
+    # 2 images × 2 repeats × 2 epochs at 0.5 s a step, plus 2 preview rounds of the 2 default
+    # prompts × 20 steps at the default 0.1 s a generation step: 4 s + 8 s.
+    assert "job 1 queued: costs about 12s of GPU time, position 1" in capsys.readouterr().out
     assert (cfg.data_dir / "members" / "alice" / "datasets" / "キャラ" / "2_demo").is_dir()
     assert main(["jobs", "submit", *c, "--user", "bob", "--json", *train, "--name", "b"]) == 0
     assert json.loads(capsys.readouterr().out)["position"] == 2
@@ -29,9 +31,9 @@ def test_jobs_and_quota_commands(tmp_path, capsys):
     capsys.readouterr()
     assert main(["jobs", "list", *c, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["id"], r["position"], r["eta_s"]) for r in rows] == [(3, 1, 0.0), (1, 2, 0.0), (2, 3, 4.0)]
+    assert [(r["id"], r["position"], r["eta_s"]) for r in rows] == [(3, 1, 0.0), (1, 2, 0.0), (2, 3, 12.0)]
     assert main(["jobs", "list", *c]) == 0
-    assert "starts in ~4s" in capsys.readouterr().out
+    assert "starts in ~12s" in capsys.readouterr().out
     assert main(["jobs", "cancel", *c, "2"]) == 0
     assert main(["jobs", "show", *c, "2", "--json"]) == 0
     assert json.loads(_last_json(capsys))["state"] == "cancelled"
@@ -42,7 +44,7 @@ def test_jobs_and_quota_commands(tmp_path, capsys):
     assert "key from" in capsys.readouterr().err
     assert main(["quota", "show", *c, "--user", "alice", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["quota"]["queued_jobs"] == 1 and shown["gpu_seconds_reserved"] == 4.0
+    assert shown["quota"]["queued_jobs"] == 1 and shown["gpu_seconds_reserved"] == 12.0
     assert main(["jobs", "show", *c, "99"]) == 2
     assert "no job 99" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ grid per saved epoch with **Use epoch N** / **Download**, and the epoch × promp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import re
@@ -769,8 +770,9 @@ class Cog(commands.Cog, name="Cog_train"):
                     view=None,
                 )
         for upload in (cfg.data_dir / "members").glob("*/uploads/*"):
-            if upload.stat().st_mtime < before:
-                await asyncio.to_thread(shutil.rmtree, upload, True)
+            with contextlib.suppress(FileNotFoundError):  # an intake that just finished removes its own
+                if upload.stat().st_mtime < before:
+                    await asyncio.to_thread(shutil.rmtree, upload, True)
         if stale:
             log.info("discarded %d draft(s) not started within %g days", len(stale), cfg.data.draft_days)
         return len(stale)
@@ -898,7 +900,12 @@ async def download(attachment: discord.Attachment, path: Path, limit: int) -> st
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     try:
-        async with aiohttp.ClientSession() as session, session.get(attachment.url) as response:
+        # No limit on the whole download (500 MB on a slow link), only on a stalled one.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(attachment.url) as response,
+        ):
             response.raise_for_status()
             with open(path, "wb") as f:
                 async for chunk in response.content.iter_chunked(_CHUNK):
