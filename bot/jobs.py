@@ -262,7 +262,15 @@ def _submit(
     with store.immediate(db):
         check_quota(usage(db, cfg, member), estimate, images)
         job_id = store.insert_job(
-            db, kind, member, name, spec, estimate.rate_key, estimate.steps, estimate.seconds
+            db,
+            kind,
+            member,
+            name,
+            spec,
+            estimate.rate_key,
+            estimate.steps,
+            estimate.seconds,
+            estimate.preview_seconds,
         )
         if kind != "tag":  # a tag job writes captions beside its dataset's images
             # Outputs go under the member's folder, named by job id so no member text becomes a path.

@@ -156,7 +156,13 @@ def _m3_outbox(db: Database) -> None:
     db["discord_outbox"].create_index(["sent_at", "dropped", "id"])
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema, _m2_discord, _m3_outbox]
+def _m4_preview_seconds(db: Database) -> None:
+    """A training job's estimate of its preview rounds, so the GPU time it measures can be split
+    into training steps and previews (each is priced at its own rate)."""
+    db["jobs"].add_column("preview_s", float)
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema, _m2_discord, _m3_outbox, _m4_preview_seconds]
 
 
 def open_store(path: str | Path) -> Database:
@@ -248,6 +254,7 @@ class Job:
     progress: str | None
     failure: str | None
     result: str | None
+    preview_s: float | None  # of estimate_s: the preview rounds of a training job
 
     @property
     def spec_dict(self) -> dict[str, Any]:
@@ -274,11 +281,22 @@ def insert_job(
     rate_key: str,
     steps: int,
     estimate_s: float,
+    preview_s: float = 0.0,
 ) -> int:
     cur = db.execute(
-        "INSERT INTO jobs (kind, owner, name, state, spec, rate_key, steps, estimate_s, submitted_at) "
-        "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?) RETURNING id",
-        [kind, owner, name, json.dumps(spec, ensure_ascii=False), rate_key, steps, estimate_s, time.time()],
+        "INSERT INTO jobs (kind, owner, name, state, spec, rate_key, steps, estimate_s, preview_s, "
+        "submitted_at) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?) RETURNING id",
+        [
+            kind,
+            owner,
+            name,
+            json.dumps(spec, ensure_ascii=False),
+            rate_key,
+            steps,
+            estimate_s,
+            preview_s,
+            time.time(),
+        ],
     )
     return cur.fetchone()[0]
 
@@ -396,11 +414,12 @@ def post_failed(db: Database, post_id: int, error: str, retry_at: float | None) 
 
 
 def seconds_per_step(db: Database, rate_key: str, recent: int = 20) -> float | None:
-    """Measured GPU seconds per step of the last finished jobs that share ``rate_key``."""
+    """Measured GPU seconds per step of the last finished jobs that share ``rate_key`` (less the
+    estimate of their preview rounds, which are priced apart)."""
     row = db.execute(
-        "SELECT sum(run_seconds), sum(steps) FROM (SELECT run_seconds, steps FROM jobs "
-        "WHERE rate_key = ? AND state = 'done' AND steps > 0 AND run_seconds > 0 "
-        "ORDER BY finished_at DESC LIMIT ?)",
+        "SELECT sum(seconds), sum(steps) FROM (SELECT run_seconds - coalesce(preview_s, 0) AS seconds, "
+        "steps FROM jobs WHERE rate_key = ? AND state = 'done' AND steps > 0 "
+        "AND run_seconds > coalesce(preview_s, 0) ORDER BY finished_at DESC LIMIT ?)",
         [rate_key, recent],
     ).fetchone()
     return row[0] / row[1] if row and row[1] else None

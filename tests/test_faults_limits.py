@@ -413,8 +413,14 @@ def test_the_estimate_prices_preview_rounds_and_is_checked_against_what_is_left(
     assert jobs.submit_train(db, cfg, "alice", "ds", "tiny", "y", no_lines).estimate_s == pytest.approx(
         training + rounds * 2 * 20 * 0.5, abs=0.11
     )
-    many = {**settings, "sample_every_n_epochs": 1, "sample_steps": 200}  # 5 rounds × 2 × 100 s
-    with pytest.raises(jobs.QuotaError, match=r"GPU time: this job needs about 1000 s"):
+    # A measured job: its time less its previews' estimate is what training steps cost.
+    jobs.move(db, job.id, "running", started_at=time.time())
+    jobs.move(db, job.id, "done", run_seconds=job.estimate_s - training + 10 * 0.2, finished_at=time.time())
+    again = jobs.submit_train(db, cfg, "alice", "ds", "tiny", "w", settings)
+    assert again.estimate_s == pytest.approx(10 * 0.2 + rounds * per_round, abs=0.11)
+    # 5 rounds × 2 prompts × 100 s, and the 10 training steps at the measured 0.2 s.
+    many = {**settings, "sample_every_n_epochs": 1, "sample_steps": 200}
+    with pytest.raises(jobs.QuotaError, match=r"GPU time: this job needs about 1002 s"):
         jobs.submit_train(db, cfg, "alice", "ds", "tiny", "z", {**many, "sample_prompts": []})
 
 
