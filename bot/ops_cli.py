@@ -21,7 +21,7 @@ from runner.cli import parse_value
 
 from . import jobs, store
 from .config import Config, ConfigError, Quota, load_config
-from .files import PathError, import_dataset, member_path
+from .files import DiskFull, PathError, check_free_disk, import_dataset, member_path
 
 
 def _settings(pairs: list[str] | None) -> dict[str, Any]:
@@ -111,6 +111,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         source = Path(args.data)
         if source.is_dir():  # an operator's folder: copied into the member's datasets first
             dataset = source.resolve().name
+            size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+            try:
+                check_free_disk(cfg.data_dir, cfg.data.min_free_gb, size)
+            except DiskFull as e:
+                raise jobs.JobError(f"not queued: {e}") from None
             import_dataset(source, member_path(cfg.data_dir, args.user, "datasets", dataset))
         settings.update({k: v for k, v in (("trigger_word", args.trigger), ("preset", args.preset)) if v})
         job = jobs.submit_train(db, cfg, args.user, dataset, args.base, args.name, settings, args.role)

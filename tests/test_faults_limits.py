@@ -24,6 +24,7 @@ from discord_stub import DiscordStub, Upload
 from test_bot_journey import async_test, message_with, new_bot, png, server
 
 from bot import jobs, store
+from bot.cli import main as loracord
 from bot.discord import library, state
 from bot.discord import train as train_cog
 from bot.dispatch import WorkerEvent
@@ -260,6 +261,14 @@ def test_jobs_refused_and_not_started_below_min_free_disk(tmp_path):
     with pytest.raises(jobs.JobError, match="disk is nearly full .*nothing was saved"):
         jobs.submit_train(db, low, "alice", "ds", "tiny", "x", TRAIN)
     assert [j.id for j in store.list_jobs(db)] == [queued.id]
+    low_toml = cfg.path.read_text(encoding="utf-8").replace(
+        'dir = "data"\n', 'dir = "data"\nmin_free_gb = 1e6\n'
+    )
+    cfg.path.write_text(low_toml, encoding="utf-8")
+    folder = make_demo_dataset(tmp_path / "operator", count=1, repeats=1)
+    cli = ["jobs", "submit", "--config", str(cfg.path), "--user", "bob", "train", str(folder)]
+    assert loracord([*cli, "--base", "tiny", "--name", "b"]) == 2  # the operator's copy is not made either
+    assert not (cfg.data_dir / "members" / "bob").exists()
 
     async def main():
         dispatcher = FakeDispatcher()
