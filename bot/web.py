@@ -271,7 +271,8 @@ class WebServer:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, report): the store answers a query, every worker is alive, Discord is
-        connected (when this process runs Discord)."""
+        connected (when this process runs Discord), and the scheduler reports no problem (low
+        disk, a database write that fails), else ``problems`` says which."""
         try:
             counts = store.job_counts(self.db)
             db = {
@@ -287,7 +288,11 @@ class WebServer:
             workers = {w: "alive" if dispatcher.ready(w) else "dead" for w in dispatcher.workers}
         discord = {None: "disabled", True: "connected", False: "disconnected"}[self.discord_connected]
         ok = db["ok"] and all(s == "alive" for s in workers.values()) and discord != "disconnected"
-        return ok, {"ok": ok, "store": db, "workers": workers, "discord": discord}
+        report = {"ok": ok, "store": db, "workers": workers, "discord": discord}
+        problems = dict(self.scheduler.problems) if self.scheduler is not None else {}
+        if problems:  # a full disk or an unwritable database: nothing starts or is recorded
+            report.update(ok=False, problems=problems)
+        return report["ok"], report
 
     async def _healthz(self, request: web.Request) -> web.Response:
         ok, report = self.health()

@@ -30,6 +30,7 @@ from bot.discord import train as train_cog
 from bot.dispatch import WorkerEvent
 from bot.files import member_path
 from bot.scheduler import Scheduler
+from bot.web import WebServer
 from runner.intake import build_dataset
 from runner.selftest import make_demo_dataset
 from runner.spec import EpochEvent, FailedEvent, ImagesEvent, IntakeSpec
@@ -277,6 +278,8 @@ def test_jobs_refused_and_not_started_below_min_free_disk(tmp_path):
         task = asyncio.create_task(scheduler.run(stop))
         await until(lambda: "disk" in scheduler.problems, "the disk reported")
         assert dispatcher.sent == [] and store.get_job(db, queued.id).state == "queued"
+        ok, report = WebServer(low, db, scheduler).health()  # what /healthz answers
+        assert not ok and "disk is nearly full" in report["problems"]["disk"]
         scheduler.cfg = cfg  # the owner made room
         await until(lambda: dispatcher.sent, "the job started")
         assert "disk" not in scheduler.problems
