@@ -89,6 +89,19 @@ class DataConfig(_Section):
 class Workers(_Section):
     devices: list[str] = Field(default_factory=lambda: ["cuda:0"], min_length=1)
     dispatch: Literal["local", "ray"] = "local"
+    stall_seconds: float = Field(
+        900,
+        ge=1,
+        le=86400,
+        description="a running job that sends no event for this long is stalled: its worker is "
+        "restarted and the job resumes from its last saved epoch",
+    )
+    cancel_grace_seconds: float = Field(
+        120,
+        ge=1,
+        le=3600,
+        description="a cancelled job still running this long after the cancel has its worker restarted",
+    )
 
     @field_validator("devices")
     @classmethod

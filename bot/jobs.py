@@ -358,12 +358,21 @@ def request_cancel(db: Database, job_id: int, member: str | None = None) -> str:
     job = store.get_job(db, job_id)
     if job is None or (member is not None and job.owner != member):
         raise JobError(f"no job {job_id}" + (" of yours" if member is not None and job else ""))
-    if store.transition(db, job_id, ("queued",), "cancelled", finished_at=time.time(), failure="cancelled"):
-        return "cancelled"
-    if job.state == "running" or store.get_job(db, job_id).state == "running":
-        store.update_job(db, job_id, cancel_requested=1)
-        return "stopping"
-    raise JobError(f"job {job_id} is already {job.state}")
+    # The flag goes first, on a queued or running job alike: whatever the scheduler does with the
+    # job meanwhile (starts it, or sends it back to the queue when its worker dies), it then
+    # finds the flag and stops the job, so the cancel cannot fall between two states.
+    db.execute(
+        "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state IN (?, ?)", [job_id, *store.ACTIVE]
+    )
+    for _ in range(2):  # again if it went from running back to the queue in between
+        if store.transition(
+            db, job_id, ("queued",), "cancelled", finished_at=time.time(), failure="cancelled"
+        ):
+            return "cancelled"
+        now = store.get_job(db, job_id).state
+        if now == "running":
+            return "stopping"
+    raise JobError(f"job {job_id} is already {now}")
 
 
 # ---- queue order, positions, ETAs ----

@@ -208,9 +208,11 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    _, db = _open(args)
+    cfg, db = _open(args)
     what = jobs.request_cancel(db, args.id)
-    print(f"job {args.id} {'cancelled' if what == 'cancelled' else 'is being stopped (within a step)'}")
+    grace = cfg.workers.cancel_grace_seconds
+    stopping = f"is being stopped (within a step; a worker that has not stopped it in {grace:g} s is killed)"
+    print(f"job {args.id} {'cancelled' if what == 'cancelled' else stopping}")
     return 0
 
 

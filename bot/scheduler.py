@@ -5,11 +5,21 @@ submitted or cancelled by another process (``loracord jobs …``) are seen witho
 channel. A worker that dies sends its jobs back to the queue to resume from their last saved
 epoch (failed with the reason after ``max_attempts`` runs); jobs found running at start-up are
 recovered the same way.
+
+A watchdog keeps "running" honest: a worker whose jobs send no event for ``[workers]
+stall_seconds``, or whose cancelled job has not stopped ``cancel_grace_seconds`` after the cancel,
+is killed; its death then sends its jobs back to the queue (or ends a cancelled one) as above.
+
+Charging: a job pays for its own compute time, never for its wait. A final event carries that
+time, measured by the worker (a training job's excludes the short jobs it served between its
+steps); an attempt that ends without one (its worker died or hung, the bot restarted) pays from
+its start to the last event heard from it, less what short jobs served in that time paid.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -55,8 +65,9 @@ class Scheduler:
         self.listeners: list[Listener] = []
         self.timing = Timing()
         self._freed_at: dict[str, float] = {}
-        self._lent: dict[int, float] = {}  # training job → seconds its worker spent on short jobs
-        self._cancel_sent: set[int] = set()
+        self._heard: dict[int, float] = {}  # running job → when it started or last sent an event
+        self._cancel_sent: dict[int, float] = {}  # running job → when its cancel went to the worker
+        self._killing: dict[str, str] = {}  # worker → why the watchdog killed it
         self.restarts = 0
         self.problems: dict[str, str] = {}  # "disk" | "store" → why jobs cannot start or be recorded now
 
@@ -69,8 +80,7 @@ class Scheduler:
     # ---- the loop ----
 
     async def run(self, stop: asyncio.Event) -> None:
-        # Time a job ran before the bot went down is unknown: nothing is charged for it.
-        self.recover("the bot restarted while it ran", charge=False)
+        self.recover("the bot restarted while it ran")
         await self.dispatcher.start(self.inbox)
         try:
             while not stop.is_set():
@@ -114,17 +124,27 @@ class Scheduler:
         if self.problems.pop(kind, None) is not None:
             log.warning("resolved: %s", kind)
 
-    def recover(self, reason: str, charge: bool = True) -> None:
+    def recover(self, reason: str) -> None:
         """Send every running job back to the queue (or fail it after too many tries)."""
         for job in store.list_jobs(self.db, ("running",)):
-            self._requeue(job, reason, charge)
+            self._requeue(job, reason)
         self.slots = {w: _Slot() for w in self.slots}
 
     async def tick(self) -> None:
+        now = time.time()
         for job in store.list_jobs(self.db, ("running",)):
             if job.cancel_requested and job.id not in self._cancel_sent and job.worker in self.slots:
-                self._cancel_sent.add(job.id)
+                self._cancel_sent[job.id] = now
                 await self.dispatcher.cancel(job.worker, job.id)
+        self._watch(now)
+        queued = []
+        for job in store.list_jobs(self.db, ("queued",)):
+            if not job.cancel_requested:
+                queued.append(job)
+                continue
+            # Cancelled while it ran, then sent back to the queue before the cancel took effect.
+            with contextlib.suppress(jobs.JobError):  # or cancelled meanwhile by another process
+                jobs.move(self.db, job.id, "cancelled", finished_at=now, failure="cancelled")
         if store.get_setting(self.db, "paused", False):
             return
         try:
@@ -135,7 +155,6 @@ class Scheduler:
         self._resolved("disk")
         if all(s.main is not None and (not s.training or s.between) for s in self.slots.values()):
             return  # no worker could take any job now
-        queued = store.list_jobs(self.db, ("queued",))
         if not queued:
             return
         started = time.perf_counter()
@@ -154,6 +173,24 @@ class Scheduler:
                     training[job.owner] = training.get(job.owner, 0) + 1
                 self.timing.dispatch_s.append(time.perf_counter() - started)
                 started = time.perf_counter()
+
+    def _watch(self, now: float) -> None:
+        """Kill a worker that is silent too long, or that has not stopped a cancelled job in time."""
+        grace, stall = self.cfg.workers.cancel_grace_seconds, self.cfg.workers.stall_seconds
+        for worker, slot in self.slots.items():
+            held = [j for j in (slot.main, *slot.between) if j is not None]
+            if not held or worker in self._killing:
+                continue
+            if any(now - self._cancel_sent.get(j, now) > grace for j in held):
+                self._kill(worker, f"it did not stop within {grace:g} s of a cancel")
+            elif now - max(self._heard.get(j, now) for j in held) > stall:
+                # A short job served between steps speaks for the training job too: it holds it.
+                self._kill(worker, f"it stalled: no event for {stall:g} s")
+
+    def _kill(self, worker: str, why: str) -> None:
+        log.error("killing worker %s: %s", worker, why)
+        self._killing[worker] = why
+        self.dispatcher.kill(worker)
 
     def _worker_for(self, job: store.Job, training: dict[str, int]) -> str | None:
         up = {w: s for w, s in self.slots.items() if self.dispatcher.ready(w)}
@@ -188,6 +225,7 @@ class Scheduler:
         except jobs.JobError:
             return False  # cancelled by another process in the meantime
         slot = self.slots[worker]
+        self._heard[job.id] = time.time()
         if slot.main is None:
             slot.main, slot.training = job.id, job.kind == "train"
         else:
@@ -204,15 +242,18 @@ class Scheduler:
         if isinstance(msg, WorkerDied):
             self.restarts += 1
             slot = self.slots[msg.worker]
+            killed = self._killing.pop(msg.worker, None)
+            reason = f"its worker was restarted: {killed}" if killed else f"its worker {msg.reason}"
             for job_id in [slot.main, *slot.between]:
                 job = store.get_job(self.db, job_id) if job_id is not None else None
                 if job and job.state == "running":
-                    self._requeue(job, f"its worker {msg.reason}")
+                    self._requeue(job, reason)
             self._release(msg.worker, [slot.main, *slot.between])
             return
         job = store.get_job(self.db, msg.job_id)
         if job is None or job.state != "running":
             return  # a late event of a job already finished or recovered
+        self._heard[job.id] = time.time()
         event = msg.event
         if isinstance(event, FailedEvent) and event.kind == "cancelled" and job.failure:
             # Stopped by the scheduler (over the daily GPU time), not by its owner: say so.
@@ -257,24 +298,31 @@ class Scheduler:
         if reason is None:
             return
         store.update_job(self.db, job.id, cancel_requested=1, failure=reason)
-        self._cancel_sent.add(job.id)
+        self._cancel_sent[job.id] = time.time()
         await self.dispatcher.cancel(job.worker, job.id)
 
-    def _charge(self, job: store.Job, now: float, measured: float | None = None) -> float:
-        """Charge this attempt's GPU time: wall time on the worker, less what short jobs borrowed
-        from it; a short job served between steps pays its own measured ``seconds`` instead."""
-        lender = next((s.main for s in self.slots.values() if job.id in s.between), None)
-        if lender is not None and measured is not None:
-            seconds = measured
-            self._lent[lender] = self._lent.get(lender, 0.0) + seconds
-        else:
-            seconds = max(now - (job.started_at or now) - self._lent.pop(job.id, 0.0), 0.0)
-        store.charge(self.db, job.owner, job.id, seconds)
-        return seconds
+    def _ran(self, job: store.Job) -> float:
+        """GPU time of an attempt that ended without a final event (see the module's note)."""
+        start = job.started_at or time.time()
+        end = self._heard.get(job.id)
+        if end is None:  # recovered after a restart: its last event recorded in the store
+            row = self.db.execute(
+                "SELECT max(at) FROM job_events WHERE job_id = ? AND at >= ?", [job.id, start]
+            ).fetchone()
+            end = row[0] or start
+        (lent,) = self.db.execute(
+            "SELECT coalesce(sum(l.gpu_seconds), 0) FROM ledger l WHERE l.job_id != ? "
+            "AND l.at BETWEEN ? AND ? AND l.job_id IN (SELECT e.job_id FROM job_events e "
+            "WHERE e.type = 'started' AND json_extract(e.data, '$.worker') = ? AND e.at BETWEEN ? AND ?)",
+            [job.id, start, end, job.worker, start, end],
+        ).fetchone()
+        return max(end - start - lent, 0.0)
 
     def _finish(self, job: store.Job, event: Any) -> None:
         now = time.time()
-        seconds = self._charge(job, now, getattr(event, "seconds", None))
+        measured = getattr(event, "seconds", None)
+        seconds = measured if measured is not None else self._ran(job)
+        store.charge(self.db, job.owner, job.id, seconds)
         values: dict[str, Any] = {"finished_at": now, "run_seconds": job.run_seconds + seconds}
         if isinstance(event, FailedEvent):
             state = "cancelled" if event.kind == "cancelled" else "failed"
@@ -286,9 +334,11 @@ class Scheduler:
                 values["steps"] = event.steps
         jobs.move(self.db, job.id, state, **values)
 
-    def _requeue(self, job: store.Job, reason: str, charge: bool = True) -> None:
+    def _requeue(self, job: store.Job, reason: str) -> None:
         now = time.time()
-        seconds = self._charge(job, now) if charge and job.started_at else 0.0
+        seconds = self._ran(job) if job.started_at else 0.0
+        if seconds:
+            store.charge(self.db, job.owner, job.id, seconds)
         values: dict[str, Any] = {"run_seconds": job.run_seconds + seconds}
         if job.cancel_requested and job.failure:  # stopped over quota; it will not resume
             jobs.move(self.db, job.id, "failed", finished_at=now, failure=job.failure, **values)
@@ -312,7 +362,8 @@ class Scheduler:
         for job_id in job_ids:
             if job_id is None:
                 continue
-            self._cancel_sent.discard(job_id)
+            self._cancel_sent.pop(job_id, None)
+            self._heard.pop(job_id, None)
             slot.between.discard(job_id)
             if slot.main == job_id:
                 slot.main, slot.training = None, False

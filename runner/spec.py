@@ -512,6 +512,11 @@ class GenSpec(_Spec):
 
 # ---- Events: what the worker streams back, one JSON object a line ----
 
+# What a worker charges for: wall time from when the job really starts on the worker to its end,
+# less the time a training job lent to short jobs served between its steps (never the wait in
+# the queue or for a step). The worker stamps it on every final event.
+_OWN_SECONDS = "the job's own compute time in seconds, stamped by the worker"
+
 
 class StageEvent(_Spec):
     type: Literal["stage"] = "stage"
@@ -546,13 +551,14 @@ class DoneEvent(_Spec):
     lora_file: str
     epoch_files: list[str]
     steps: int
-    seconds: float
+    seconds: float = Field(description=_OWN_SECONDS)
 
 
 class FailedEvent(_Spec):
     type: Literal["failed"] = "failed"
     kind: Literal["bad_input", "out_of_memory", "cancelled", "error"]
     reason: str
+    seconds: float | None = Field(None, description=_OWN_SECONDS)
 
 
 class TagCount(_Spec):
@@ -573,6 +579,7 @@ class TaggedEvent(_Spec):
         description="kohya's ss_tag_frequency: {folder: {tag: count}}"
     )
     skipped: list[tuple[str, str]] = Field(default_factory=list, description="(file, reason)")
+    seconds: float | None = Field(None, description=_OWN_SECONDS)
 
 
 class ImagesEvent(_Spec):
@@ -582,7 +589,7 @@ class ImagesEvent(_Spec):
     images: list[str]
     parameters: list[str]
     seeds: list[int]
-    seconds: float
+    seconds: float = Field(description=_OWN_SECONDS)
 
 
 Event = Annotated[

@@ -6,6 +6,10 @@ Run as ``python -m runner.worker``: each line on stdin is a job (``{"type": "tra
 only that job. A short job (anything but training) that arrives while a training job runs is
 served between two training steps on the same warm worker. The same `Worker` class is what a
 Ray actor wraps, so it keeps no global state.
+
+Every job ends in exactly one final event (done, images, tagged or failed), whatever it or the
+worker's own preparation raises, stamped with the job's own compute time (`runner.spec`
+``seconds``); a short job that fails between training steps fails alone.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import json
 import signal
 import sys
 import threading
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .spec import EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TagSpec, TrainSpec
+
+FINAL = ("done", "failed", "images", "tagged")  # the event types that end a job
 
 
 @dataclass
@@ -27,74 +35,96 @@ class _Handover:
 
     job: dict[str, Any]
     emit: Callable[[Any], None]
+    cancel: threading.Event  # its own: not the trainer's
     done: threading.Event = field(default_factory=threading.Event)
-    cancel: threading.Event = field(default_factory=threading.Event)  # its own: not the trainer's
     result: Any = None
+
+
+class _JobEvents:
+    """One job's way out: stamps its final event with the job's own compute time and lets only
+    one final event through, so the guard in `Worker._run` can end any job that did not end itself."""
+
+    def __init__(self, emit: Callable[[Any], None], own_seconds: Callable[[], float]):
+        self.emit, self.own_seconds = emit, own_seconds
+        self.final: Any = None
+
+    def __call__(self, event: Any) -> None:
+        if event.type in FINAL:
+            if self.final is not None:
+                return
+            event = event.model_copy(update={"seconds": round(self.own_seconds(), 3)})
+            self.final = event
+        self.emit(event)
 
 
 class Worker:
     def __init__(self, device: str | None = None):
         self.device = device
-        self.cancel_event = threading.Event()
         self._lock = threading.Lock()
+        # One cancel event per job id, made by whichever comes first, the job or its cancel: a
+        # cancel that reaches the worker before its job starts is then still there when it does.
+        self._cancels: dict[Any, threading.Event] = {}
         self.training = False
         self._training_id: Any = None
+        self._lent = 0.0  # seconds the training job's thread spent serving short jobs
         self._waiting: list[_Handover] = []
-        self._serving: _Handover | None = None
         self.pipelines: Any = None  # a PipelineCache once the first gen job arrives (it imports torch)
 
-    def generate(
-        self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event | None = None
-    ) -> Any:
+    def generate(self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event) -> Any:
         """One gen job on this worker's warm pipelines; returns (and emits) ImagesEvent or FailedEvent."""
         from .generate import run_gen
         from .pipelines import PipelineCache
 
         if self.pipelines is None:
             self.pipelines = PipelineCache(self.device)
-        return run_gen(spec, self.pipelines, emit, cancel or self.cancel_event)
+        return run_gen(spec, self.pipelines, emit, cancel)
+
+    def _cancel_event(self, job_id: Any) -> threading.Event:
+        with self._lock:
+            return self._cancels.setdefault(job_id, threading.Event())
 
     def cancel(self, job_id: Any = None) -> None:
-        """Cancel the running job, or only job ``job_id`` (dropped if it still waits for a step)."""
+        """Cancel job ``job_id`` (whether it runs, waits for a step, or has not arrived yet), or
+        every job this worker has when ``job_id`` is None."""
         with self._lock:
-            waiting = [h for h in self._waiting if job_id is not None and h.job.get("id") == job_id]
+            if job_id is None:
+                events = list(self._cancels.values())
+            else:
+                events = [self._cancels.setdefault(job_id, threading.Event())]
+            waiting = [h for h in self._waiting if job_id is None or h.job.get("id") == job_id]
             for h in waiting:
                 self._waiting.remove(h)
-            serving = self._serving
-        for h in waiting:
-            h.result = FailedEvent(kind="cancelled", reason="cancelled before it started")
-            h.emit(h.result)
+        for event in events:
+            event.set()
+        for h in waiting:  # answered now rather than at the trainer's next step
+            h.result = self._run(h.job, h.emit, h.cancel)
             h.done.set()
-        if waiting:
-            return
-        if serving is not None and (job_id is None or serving.job.get("id") == job_id):
-            serving.cancel.set()
-            if job_id is not None:
-                return
-        if job_id is None or not self.training or job_id == self._training_id:
-            self.cancel_event.set()
 
     def run(self, job: dict[str, Any], emit: Callable[[Any], None]) -> Any:
-        """Run one job to its end; returns the final event (done or failed)."""
-        if job.get("type") != "train":
-            with self._lock:
-                handover = _Handover(job, emit) if self.training else None
-                if handover:
-                    self._waiting.append(handover)
-            if handover:
-                handover.done.wait()
-                return handover.result
-        self.cancel_event.clear()
-        if job.get("type") != "train":
-            return self._run(job, emit)
-        with self._lock:
-            self.training, self._training_id = True, job.get("id")
+        """Run one job to its end; returns the final event (done or failed), which was also emitted."""
+        job_id = job.get("id")
+        cancel = self._cancel_event(job_id)
         try:
-            return self._run(job, self._serving_between_steps(emit))
+            if job.get("type") != "train":
+                with self._lock:
+                    handover = _Handover(job, emit, cancel) if self.training else None
+                    if handover:
+                        self._waiting.append(handover)
+                if handover:
+                    handover.done.wait()
+                    return handover.result
+                return self._run(job, emit, cancel)
+            with self._lock:
+                self.training, self._training_id, self._lent = True, job_id, 0.0
+            try:
+                return self._run(job, self._serving_between_steps(emit), cancel, lent=lambda: self._lent)
+            finally:
+                with self._lock:
+                    self.training = False
+                self._serve_waiting()  # whatever was handed over after the last step
         finally:
             with self._lock:
-                self.training = False
-            self._serve_waiting()  # whatever was handed over after the last step
+                self._cancels.pop(job_id, None)
 
     def _serving_between_steps(self, emit: Callable[[Any], None]) -> Callable[[Any], None]:
         # The trainer emits progress right after an optimizer step and an epoch after saving: the
@@ -112,18 +142,32 @@ class Worker:
                 if not self._waiting:
                     return
                 handover = self._waiting.pop(0)
-                self._serving = handover
-            try:
-                handover.result = self._run(handover.job, handover.emit, handover.cancel)
-            finally:
-                with self._lock:
-                    self._serving = None
-                handover.done.set()
+            started = time.monotonic()
+            # `_run` never raises: a short job that fails ends alone and the trainer goes on.
+            handover.result = self._run(handover.job, handover.emit, handover.cancel)
+            self._lent += time.monotonic() - started
+            handover.done.set()
 
     def _run(
-        self, job: dict[str, Any], emit: Callable[[Any], None], cancel: threading.Event | None = None
+        self,
+        job: dict[str, Any],
+        emit: Callable[[Any], None],
+        cancel: threading.Event,
+        lent: Callable[[], float] = lambda: 0.0,
     ) -> Any:
-        cancel = cancel or self.cancel_event
+        """The job's final event, emitted exactly once whatever the job (or its imports) raises."""
+        started = time.monotonic()
+        events = _JobEvents(emit, lambda: time.monotonic() - started - lent())
+        try:
+            self._dispatch(job, events, cancel)
+        except Exception as e:  # the worker outlives any job; the log keeps the traceback
+            traceback.print_exc(file=sys.stderr)
+            events(FailedEvent(kind="error", reason=f"{type(e).__name__}: {e}"))
+        if events.final is None:
+            events(FailedEvent(kind="error", reason="the job ended without a result"))
+        return events.final
+
+    def _dispatch(self, job: dict[str, Any], emit: Callable[[Any], None], cancel: threading.Event) -> None:
         kind = job.get("type")
         specs: dict[str, type[TrainSpec | GenSpec | TagSpec]] = {
             "train": TrainSpec,
@@ -131,26 +175,30 @@ class Worker:
             "tag": TagSpec,
         }
         if kind not in specs:
-            event = FailedEvent(
-                kind="bad_input", reason=f"unknown job type {kind!r}; this worker runs: {', '.join(specs)}"
+            emit(
+                FailedEvent(
+                    kind="bad_input",
+                    reason=f"unknown job type {kind!r}; this worker runs: {', '.join(specs)}",
+                )
             )
-            emit(event)
-            return event
+            return
         try:
             spec = specs[kind].parse(job.get("spec") or {})
         except SpecError as e:
-            event = FailedEvent(kind="bad_input", reason=str(e))
-            emit(event)
-            return event
-        if isinstance(spec, GenSpec):
-            return self.generate(spec, emit, cancel)
-        if isinstance(spec, TagSpec):
+            emit(FailedEvent(kind="bad_input", reason=str(e)))
+            return
+        if cancel.is_set():
+            emit(FailedEvent(kind="cancelled", reason="cancelled before it started"))
+        elif isinstance(spec, GenSpec):
+            self.generate(spec, emit, cancel)
+        elif isinstance(spec, TagSpec):
             from .tagger import tag_dataset  # onnxruntime loads only for a tag job
 
-            return tag_dataset(spec, emit, cancel)
-        from .train import train  # torch loads only when there is work to do
+            tag_dataset(spec, emit, cancel)
+        else:
+            from .train import train  # torch loads only when there is work to do
 
-        return train(spec, emit, cancel, self.device)
+            train(spec, emit, cancel, self.device)
 
 
 def _run_after(
@@ -195,6 +243,11 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
         except json.JSONDecodeError as e:
             emit(FailedEvent(kind="bad_input", reason=f"not a JSON job line: {e}"))
             continue
+        if not isinstance(msg, dict):
+            emit(
+                FailedEvent(kind="bad_input", reason=f"a job line is a JSON object, not {line.strip()[:80]}")
+            )
+            continue
         if msg.get("type") == "cancel":
             worker.cancel(msg.get("id"))
             continue
@@ -216,4 +269,6 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.stdin, sys.stdout, sys.argv[1] if len(sys.argv) > 1 else None)
+    events_out = sys.stdout
+    sys.stdout = sys.stderr  # a library's print() goes to the log, not into the event stream
+    serve(sys.stdin, events_out, sys.argv[1] if len(sys.argv) > 1 else None)

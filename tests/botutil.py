@@ -10,13 +10,18 @@ TRAIN = {"max_train_epochs": 2, "sample_every_n_epochs": 0, "network_dim": 4, "n
 
 
 def write_config(
-    root: Path, extra: str = "", devices: str = '["cpu"]', dispatch: str = "local", data: str = ""
+    root: Path,
+    extra: str = "",
+    devices: str = '["cpu"]',
+    dispatch: str = "local",
+    data: str = "",
+    workers: str = "",
 ) -> Config:
-    """``data``: lines for the ``[data]`` table (``extra`` comes after the other tables)."""
+    """``data``, ``workers``: more lines of those tables (``extra`` comes after every table)."""
     path = root / "server.toml"
     path.write_text(
         f'[store]\npath = "db/loracord.db"\n[data]\ndir = "data"\n{data}'
-        f'[workers]\ndevices = {devices}\ndispatch = "{dispatch}"\n'
+        f'[workers]\ndevices = {devices}\ndispatch = "{dispatch}"\n{workers}'
         f'[bases]\ntiny = "tiny:sd15"\n"タイニー XL" = "tiny:sdxl"\n{extra}',
         encoding="utf-8",
     )

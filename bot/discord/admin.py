@@ -116,6 +116,9 @@ class Cog(commands.Cog, name="Cog_admin"):
         except jobs.JobError as e:
             await say(ix, sentence(str(e)))
             return
+        if what == "stopping":
+            grace = self.bot.cfg.workers.cancel_grace_seconds
+            what += f"; a worker that has not stopped it within {grace:g} s is killed"
         await say(ix, f"Job #{job} {what}.")
 
     @admin.command(name="purge", description="Delete a member's datasets, LoRAs and images")

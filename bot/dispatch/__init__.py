@@ -47,6 +47,10 @@ class Dispatcher(Protocol):
 
     async def cancel(self, worker: str, job_id: int) -> None: ...
 
+    def kill(self, worker: str) -> None:
+        """Stop the worker at once (it is hung, or ignores a cancel); it is reported as `WorkerDied`
+        and replaced like one that died on its own."""
+
     async def close(self) -> None: ...
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from . import Message, WorkerDied, WorkerEvent, event_of
 
 log = logging.getLogger(__name__)
+_LINE_LIMIT = 2**24  # bytes; the longest event (a tag job's frequencies) is far below
 _ERROR_LINE = re.compile(r"error|exception|out of memory|killed", re.IGNORECASE)
 
 
@@ -52,9 +53,14 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
 
 class _Child:
     def __init__(
-        self, name: str, device: str, log_path: Path, inbox: asyncio.Queue[Message], env: dict[str, str]
+        self,
+        name: str,
+        command: list[str],
+        log_path: Path,
+        inbox: asyncio.Queue[Message],
+        env: dict[str, str],
     ):
-        self.name, self.device, self.log_path, self.inbox, self.env = name, device, log_path, inbox, env
+        self.name, self.command, self.log_path, self.inbox, self.env = name, command, log_path, inbox, env
         self.proc: asyncio.subprocess.Process | None = None
         self.closing = False
         self.quick_deaths = 0
@@ -65,14 +71,11 @@ class _Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "runner.worker",
-                self.device,
+                *self.command,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                limit=2**24,
+                limit=_LINE_LIMIT,
                 env=self.env,
                 preexec_fn=_die_with_parent,
             )
@@ -82,26 +85,40 @@ class _Child:
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        while True:
             try:
-                job, event = event_of(json.loads(raw))
-            except ValueError:  # a library printing to stdout; the line is kept in the log
-                log.warning("%s: not an event: %s", self.name, raw[:200])
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line over the reader's limit: StreamReader has dropped it
+                log.warning("%s: skipped a line over %d bytes", self.name, _LINE_LIMIT)
                 continue
-            if job is not None:
-                self.inbox.put_nowait(WorkerEvent(self.name, job, event))
+            if not raw:
+                break
+            self._take(raw)
         code = await proc.wait()
         self.ready = False
         if self.closing:
             return
         reason = _exit_reason(code, self.log_path)
-        log.error("worker %s (%s) died: %s", self.name, self.device, reason)
+        log.error("worker %s died: %s", self.name, reason)
         self.inbox.put_nowait(WorkerDied(self.name, reason))
         self.quick_deaths = self.quick_deaths + 1 if time.monotonic() - self.started < 10 else 0
         if self.quick_deaths:
             await asyncio.sleep(min(2**self.quick_deaths, 60))
         if not self.closing:
             await self.spawn()
+
+    def _take(self, raw: bytes) -> None:
+        """Pass on one line that is an event of a job; anything else (a library's print, ``5``,
+        ``null``, a cut-off line) is logged and skipped, so no line can stop the reader."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or not isinstance(data.get("job"), int):
+                raise ValueError("not an event of a job")
+            job, event = event_of(data)
+        except ValueError:  # pydantic's ValidationError and JSONDecodeError are ValueErrors
+            log.warning("%s: not an event: %s", self.name, raw[:200])
+            return
+        self.inbox.put_nowait(WorkerEvent(self.name, job, event))
 
     async def write(self, message: dict[str, Any]) -> None:
         assert self.proc is not None and self.proc.stdin is not None
@@ -127,8 +144,11 @@ class _Child:
 
 
 class LocalDispatcher:
-    def __init__(self, devices: list[str], log_dir: Path):
+    def __init__(self, devices: list[str], log_dir: Path, program: list[str] | None = None):
+        """``program``: what runs as a worker, given its device as the last argument (tests run a
+        worker whose output they control)."""
         self.log_dir = log_dir
+        self.program = program or [sys.executable, "-m", "runner.worker"]
         self.workers = [f"{i}:{d}" for i, d in enumerate(devices)]
         self.devices = dict(zip(self.workers, devices, strict=True))
         self.children: dict[str, _Child] = {}
@@ -142,7 +162,7 @@ class LocalDispatcher:
             if device == "cpu":
                 env.setdefault("OMP_NUM_THREADS", threads)
             log_path = self.log_dir / f"worker-{name.replace(':', '-')}.log"
-            child = _Child(name, device, log_path, inbox, env)
+            child = _Child(name, [*self.program, device], log_path, inbox, env)
             self.children[name] = child
         await asyncio.gather(*(c.spawn() for c in self.children.values()))
 
@@ -154,6 +174,12 @@ class LocalDispatcher:
 
     def ready(self, worker: str) -> bool:
         return self.children[worker].ready
+
+    def kill(self, worker: str) -> None:
+        """SIGKILL the worker (a hung one ignores SIGTERM); it is reported dead and started again."""
+        proc = self.children[worker].proc
+        if proc and proc.returncode is None:
+            proc.kill()
 
     def pid(self, worker: str) -> int | None:
         proc = self.children[worker].proc
