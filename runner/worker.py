@@ -65,7 +65,6 @@ class Worker:
         # cancel that reaches the worker before its job starts is then still there when it does.
         self._cancels: dict[Any, threading.Event] = {}
         self.training = False
-        self._training_id: Any = None
         self._lent = 0.0  # seconds the training job's thread spent serving short jobs
         self._waiting: list[_Handover] = []
         self.pipelines: Any = None  # a PipelineCache once the first gen job arrives (it imports torch)
@@ -115,7 +114,7 @@ class Worker:
                     return handover.result
                 return self._run(job, emit, cancel)
             with self._lock:
-                self.training, self._training_id, self._lent = True, job_id, 0.0
+                self.training, self._lent = True, 0.0
             try:
                 return self._run(job, self._serving_between_steps(emit), cancel, lent=lambda: self._lent)
             finally:
