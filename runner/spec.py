@@ -516,6 +516,7 @@ class GenSpec(_Spec):
 # less the time a training job lent to short jobs served between its steps (never the wait in
 # the queue or for a step). The worker stamps it on every final event.
 _OWN_SECONDS = "the job's own compute time in seconds, stamped by the worker"
+FINAL = ("done", "failed", "images", "tagged")  # the event types that end a job
 
 
 class StageEvent(_Spec):

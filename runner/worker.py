@@ -24,9 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .spec import EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TagSpec, TrainSpec
-
-FINAL = ("done", "failed", "images", "tagged")  # the event types that end a job
+from .spec import FINAL, EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TagSpec, TrainSpec
 
 
 @dataclass

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from runner.spec import FINAL as FINAL  # the dispatchers and the scheduler import it from here
 from runner.spec import parse_event
 
 from ..config import Config
@@ -32,7 +33,6 @@ class WorkerDied:
 
 
 Message = WorkerEvent | WorkerDied
-FINAL = ("done", "failed", "images", "tagged")  # the event types that end a job
 
 
 class Dispatcher(Protocol):
