@@ -47,7 +47,8 @@ FOLDER_KEYS = ("train_data_dir", "lora_dir", "output_dir")  # spec keys that nam
 # Large enough that the cost of one call per chunk is small next to moving it, small enough that
 # a chunk in flight is nothing next to the bot's own memory.
 CHUNK_BYTES = 4 * 2**20
-NOT_STARTED = FailedEvent(kind="cancelled", reason="cancelled before it started")
+# A job that never ran is charged nothing.
+NOT_STARTED = FailedEvent(kind="cancelled", reason="cancelled before it started", seconds=0.0)
 
 
 @dataclass(frozen=True)
