@@ -257,7 +257,7 @@ class Scheduler:
         event = msg.event
         if isinstance(event, FailedEvent) and event.kind == "cancelled" and job.failure:
             # Stopped by the scheduler (over the daily GPU time), not by its owner: say so.
-            event = FailedEvent(kind="error", reason=job.failure)
+            event = FailedEvent(kind="error", reason=job.failure, seconds=event.seconds)
         if isinstance(event, ProgressEvent):
             store.update_job(self.db, job.id, progress=event.model_dump_json())
         else:
