@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 TOKEN_ENV = "LORACORD_DISCORD_TOKEN"
 TOKEN_FILE_ENV = "LORACORD_DISCORD_TOKEN_FILE"
@@ -23,33 +23,78 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are never a setting: they would reach the scheduler's arithmetic.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class Quota(_Section):
+UNLIMITED = "unlimited"
+# The most each quota can be; the word "unlimited" (TOML, /admin quota, `loracord quota set`)
+# means exactly this, so limits stay finite numbers every sum and comparison can use.
+QUOTA_CEILINGS: dict[str, float] = {
+    "concurrent_jobs": 1000,
+    "queued_jobs": 10_000,
+    "daily_gpu_seconds": 86_400_000,  # a thousand GPUs all day
+    "images_per_dataset": 100_000,
+    "total_steps": 10_000_000,
+    "storage_mb": 100_000_000,  # 100 TB
+    "open_drafts": 1000,
+}
+
+
+class _Limits(_Section):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unlimited(cls, v: object, info: ValidationInfo) -> object:
+        if isinstance(v, str) and v.strip().lower() == UNLIMITED and info.field_name in QUOTA_CEILINGS:
+            return QUOTA_CEILINGS[info.field_name]
+        return v
+
+
+def _limit(default: float | None, key: str, description: str = "") -> Any:
+    return Field(default, ge=0, le=QUOTA_CEILINGS[key], description=description)
+
+
+class Quota(_Limits):
     """Limits per member; a role's override replaces a default, the most generous role wins."""
 
-    concurrent_jobs: int = Field(1, ge=0, description="jobs running at once")
-    queued_jobs: int = Field(3, ge=0, description="jobs waiting in the queue")
-    daily_gpu_seconds: float = Field(3600, ge=0, description="'stamina': GPU time in any 24 hours")
-    images_per_dataset: int = Field(200, ge=0)
-    total_steps: int = Field(4000, ge=0, description="training steps of one job")
-    storage_mb: float = Field(2048, ge=0, description="LoRA files kept")
-    open_drafts: int = Field(3, ge=0, description="/train threads not started yet")
+    concurrent_jobs: int = _limit(1, "concurrent_jobs", "jobs running at once")
+    queued_jobs: int = _limit(3, "queued_jobs", "jobs waiting in the queue")
+    daily_gpu_seconds: float = _limit(3600, "daily_gpu_seconds", "'stamina': GPU time in any 24 hours")
+    images_per_dataset: int = _limit(200, "images_per_dataset")
+    total_steps: int = _limit(4000, "total_steps", "training steps of one job")
+    storage_mb: float = _limit(2048, "storage_mb", "LoRA files kept")
+    open_drafts: int = _limit(3, "open_drafts", "/train threads not started yet")
 
     @classmethod
     def names(cls) -> list[str]:
         return list(cls.model_fields)
 
 
-class QuotaOverride(_Section):
-    concurrent_jobs: int | None = Field(None, ge=0)
-    queued_jobs: int | None = Field(None, ge=0)
-    daily_gpu_seconds: float | None = Field(None, ge=0)
-    images_per_dataset: int | None = Field(None, ge=0)
-    total_steps: int | None = Field(None, ge=0)
-    storage_mb: float | None = Field(None, ge=0)
-    open_drafts: int | None = Field(None, ge=0)
+class QuotaOverride(_Limits):
+    concurrent_jobs: int | None = _limit(None, "concurrent_jobs")
+    queued_jobs: int | None = _limit(None, "queued_jobs")
+    daily_gpu_seconds: float | None = _limit(None, "daily_gpu_seconds")
+    images_per_dataset: int | None = _limit(None, "images_per_dataset")
+    total_steps: int | None = _limit(None, "total_steps")
+    storage_mb: float | None = _limit(None, "storage_mb")
+    open_drafts: int | None = _limit(None, "open_drafts")
+
+
+def quota_value(key: str, text: str) -> float | None:
+    """What an admin typed for quota ``key``: a number in range, ``unlimited`` (the key's ceiling),
+    or ``default`` (None: the override goes). Anything else is a ConfigError saying what is allowed."""
+    if key not in QUOTA_CEILINGS:
+        raise ConfigError(f"'{key}' is not a quota; the quotas are {', '.join(Quota.names())}")
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return getattr(QuotaOverride.model_validate({key: text.strip()}), key)
+    except ValidationError:
+        whole = Quota.model_fields[key].annotation is int
+        raise ConfigError(
+            f"{key} takes {'a whole number' if whole else 'a number'} from 0 to {QUOTA_CEILINGS[key]:.0f}, "
+            f"'{UNLIMITED}' (= {QUOTA_CEILINGS[key]:.0f}) or 'default'; not '{text}'"
+        ) from None
 
 
 class QuotaConfig(Quota):
@@ -57,15 +102,17 @@ class QuotaConfig(Quota):
 
 
 class Scheduling(_Section):
-    fair_window_hours: float = Field(24, gt=0, description="GPU time counted for fair turns")
+    fair_window_hours: float = Field(24, gt=0, le=24 * 365, description="GPU time counted for fair turns")
     seconds_per_step: float = Field(
-        1.0, gt=0, description="training estimate before any job finished, at 512² batch 1"
+        1.0, gt=0, le=3600, description="training estimate before any job finished, at 512² batch 1"
     )
     gen_seconds_per_step: float = Field(
-        0.1, gt=0, description="generation estimate per step and image at 512²"
+        0.1, gt=0, le=3600, description="generation estimate per step and image at 512²"
     )
     poll_seconds: float = Field(0.2, gt=0, le=10, description="how often the database is read for new work")
-    max_attempts: int = Field(3, ge=1, description="runs of one job before a crashing worker fails it")
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="runs of one job before a crashing worker fails it"
+    )
     overrun_grace_seconds: float = Field(
         600, ge=0, le=86400, description="GPU time a running job may go past its owner's daily quota"
     )
@@ -116,7 +163,7 @@ class RayConfig(_Section):
     address: str | None = Field(
         None, description="ray://host:10001 or auto; unset starts Ray on this machine"
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a Ray started here")
+    num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs for a Ray started here")
 
 
 class DiscordConfig(_Section):
@@ -128,7 +175,10 @@ class DiscordConfig(_Section):
         "wss://gateway.discord.gg/", description="Discord's gateway (a plain Client connects there directly)"
     )
     guilds: list[int] = Field(
-        default_factory=list, description="server ids to sync commands to; empty: global"
+        default_factory=list, description="the servers the bot serves (their ids); it leaves any other"
+    )
+    public: bool = Field(
+        False, description="serve every server the bot is added to (guilds unused); commands sync globally"
     )
     train_channel: int | None = Field(None, description="channel id where /train opens its threads")
     archive_minutes: Literal[60, 1440, 4320, 10080] = Field(
@@ -144,6 +194,18 @@ class DiscordConfig(_Section):
     tagger: str = Field(
         "wd-swinv2-tagger-v3", description="Auto-tag's tagger: a SmilingWolf name, a repo id or a folder"
     )
+
+    def check_served(self) -> None:
+        """Refuse to run a bot that would serve whoever adds it, unless the owner said so."""
+        if not self.guilds and not self.public:
+            raise ConfigError(
+                "[discord] guilds is empty: list the ids of the servers the bot serves "
+                "(or set public = true to serve every server it is added to)"
+            )
+
+    def serves(self, guild_id: int | None) -> bool:
+        """Whether the bot acts in this server (None: a DM, never served)."""
+        return guild_id is not None and (self.public or guild_id in self.guilds)
 
     @field_validator("api_base", "gateway")
     @classmethod
@@ -162,7 +224,7 @@ class WebConfig(_Section):
     secret_file: Path | None = Field(
         None, description="the link-signing secret; unset: generated once in the data folder"
     )
-    link_hours: float = Field(24, gt=0, description="how long a download link works")
+    link_hours: float = Field(24, gt=0, le=24 * 365, description="how long a download link works")
 
     @field_validator("public_url")
     @classmethod

@@ -11,12 +11,14 @@ resumed jobs go first, and generation jobs go ahead of all training.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlite_utils import Database
 
 from runner.presets import preset_settings
@@ -24,14 +26,15 @@ from runner.sample_prompts import default_sample_prompts, parse_sample_prompt
 from runner.spec import SpecError, TagSpec, TrainSpec
 
 from . import store
-from .config import Config, ConfigError, Quota
+from .config import Config, ConfigError, Quota, QuotaOverride
 from .files import DiskFull, PathError, check_free_disk, dataset_images, member_path, storage_bytes
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("running", "cancelled"),
+    "queued": ("running", "cancelled", "failed"),  # failed: a job whose row cannot start
     "running": ("done", "failed", "cancelled", "queued"),
 }
 NATIVE = {"sd15": 512, "sdxl": 1024}
+log = logging.getLogger(__name__)
 
 
 class JobError(ValueError):
@@ -61,8 +64,8 @@ def effective_quota(db: Database, cfg: Config, member: str) -> Quota:
         r: cfg.quota.roles[r].model_dump(exclude_none=True) for r in roles if r in cfg.quota.roles
     }
     for role, values in store.quota_overrides(db, "role", roles).items():
-        role_values.setdefault(role, {}).update(values)
-    own = store.quota_overrides(db, "member", [member]).get(member, {})
+        role_values.setdefault(role, {}).update(_valid(values, f"role {role}"))
+    own = _valid(store.quota_overrides(db, "member", [member]).get(member, {}), f"member {member}")
     merged = {}
     for key in Quota.names():
         granted = [v[key] for v in role_values.values() if key in v]
@@ -71,6 +74,21 @@ def effective_quota(db: Database, cfg: Config, member: str) -> Quota:
         elif granted:
             merged[key] = max(granted)
     return cfg.quota.model_copy(update={k: type(getattr(cfg.quota, k))(v) for k, v in merged.items()})
+
+
+def _valid(values: dict[str, Any], whose: str) -> dict[str, Any]:
+    """The override rows that are limits; a row no admin command could write (another tool,
+    an older version: nan, inf, text) is skipped with a warning, so the default applies."""
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = getattr(QuotaOverride.model_validate({key: value}), key)
+        except ValidationError:
+            out[key] = None
+        if out[key] is None:  # also SQLite's NULL, which is what a nan written there reads back as
+            del out[key]
+            log.warning("quota override of %s: %s = %r is not a limit; ignored", whose, key, value)
+    return out
 
 
 @dataclass

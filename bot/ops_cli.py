@@ -20,7 +20,7 @@ from typing import Any
 from runner.cli import parse_value
 
 from . import jobs, store
-from .config import Config, ConfigError, Quota, load_config
+from .config import UNLIMITED, Config, ConfigError, Quota, load_config, quota_value
 from .files import DiskFull, PathError, check_free_disk, import_dataset, member_path
 
 
@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg, db = _open(args)
     if not args.no_discord:
-        cfg.discord_token()  # no token: say so before anything starts
+        cfg.discord_token()  # no token, or no server to serve: say so before anything starts
+        cfg.discord.check_served()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def main() -> None:
@@ -250,19 +251,13 @@ def cmd_quota_show(args: argparse.Namespace) -> int:
 def cmd_quota_set(args: argparse.Namespace) -> int:
     _, db = _open(args)
     scope, subject = ("member", args.user) if args.user else ("role", args.role)
-    for item in args.values:
+    changes = []
+    for item in args.values:  # all checked before any is written
         key, sep, value = item.partition("=")
         if not sep or key not in Quota.names():
             raise jobs.JobError(f"'{item}': use key=value with a key from {', '.join(Quota.names())}")
-        if value == "default":
-            store.set_quota_override(db, scope, subject, key, None)
-            continue
-        try:
-            number = float(value)
-        except ValueError:
-            raise jobs.JobError(f"'{item}': the value must be a number or 'default'") from None
-        if number < 0:
-            raise jobs.JobError(f"'{item}': the value must not be negative")
+        changes.append((key, quota_value(key, value)))
+    for key, number in changes:
         store.set_quota_override(db, scope, subject, key, number)
     print(f"quota for {scope} {subject} updated")
     return 0
@@ -333,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "values",
         nargs="+",
         metavar="KEY=VALUE",
-        help=f"keys: {', '.join(Quota.names())}; value 'default' removes",
+        help=f"keys: {', '.join(Quota.names())}; a number, '{UNLIMITED}' (the key's ceiling) or 'default' (removes)",
     )
     qset.set_defaults(func=cmd_quota_set)
     return parser

@@ -165,10 +165,15 @@ class Scheduler:
                 training[job.owner] = training.get(job.owner, 0) + 1
         now = time.time()
         for job in jobs.fair_order(queued, jobs.window_usage(self.db, self.cfg, running, now)):
-            worker = self._worker_for(job, training)
+            try:
+                spec = job.spec_dict  # a row any process may have written: read before the job moves
+                worker = self._worker_for(job, training)
+            except Exception as e:  # one bad row fails its own job; the queue goes on
+                await self._unstartable(job, e)
+                continue
             if worker is None:
                 continue
-            if await self._start(job, worker):
+            if await self._start(job, worker, spec):
                 if job.kind == "train":
                     training[job.owner] = training.get(job.owner, 0) + 1
                 self.timing.dispatch_s.append(time.perf_counter() - started)
@@ -207,7 +212,18 @@ class Scheduler:
             return None
         return free[0]
 
-    async def _start(self, job: store.Job, worker: str) -> bool:
+    async def _unstartable(self, job: store.Job, error: Exception) -> None:
+        log.exception("job %s cannot start", job.id, exc_info=error)
+        event = FailedEvent(kind="error", reason=f"it cannot start ({type(error).__name__}: {error})"[:500])
+        try:
+            jobs.move(self.db, job.id, "failed", finished_at=time.time(), failure=event.reason)
+        except jobs.JobError:
+            return  # cancelled meanwhile
+        store.add_event(self.db, job.id, event.type, event.model_dump(mode="json"))
+        store.add_post(self.db, job.id, event.model_dump(mode="json"))  # the member hears of it
+        await self._tell(store.get_job(self.db, job.id), event)
+
+    async def _start(self, job: store.Job, worker: str, spec: dict[str, Any]) -> bool:
         try:
             # One transaction: a write that fails (a full disk) leaves the job queued, never
             # "running" without a worker that has it.
@@ -232,7 +248,7 @@ class Scheduler:
             slot.between.add(job.id)
         if worker in self._freed_at:
             self.timing.end_to_start_s.append(time.monotonic() - self._freed_at.pop(worker))
-        await self.dispatcher.send(worker, job.id, job.kind, job.spec_dict)
+        await self.dispatcher.send(worker, job.id, job.kind, spec)
         return True
 
     # ---- what comes back ----
@@ -277,9 +293,11 @@ class Scheduler:
         if not isinstance(event, ProgressEvent):
             store.add_post(self.db, job.id, event.model_dump(mode="json"))  # for the bot to deliver
         self.timing.handle_s.append(time.perf_counter() - started)
-        fresh = store.get_job(self.db, job.id)
+        await self._tell(store.get_job(self.db, job.id), event)
+
+    async def _tell(self, job: store.Job, event: Any) -> None:
         for listener in self.listeners:
-            result = listener(fresh, event)
+            result = listener(job, event)
             if asyncio.iscoroutine(result):
                 await result
 

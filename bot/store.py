@@ -162,7 +162,18 @@ def _m4_preview_seconds(db: Database) -> None:
     db["jobs"].add_column("preview_s", float)
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m1_schema, _m2_discord, _m3_outbox, _m4_preview_seconds]
+def _m5_taps(db: Database) -> None:
+    """Buttons that start work, each member's first tap: a double tap finds its row and starts nothing."""
+    db["discord_taps"].create({"button": str, "member": str, "at": float}, pk=("button", "member"))
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [
+    _m1_schema,
+    _m2_discord,
+    _m3_outbox,
+    _m4_preview_seconds,
+    _m5_taps,
+]
 
 
 def open_store(path: str | Path) -> Database:
@@ -190,7 +201,11 @@ def migrate(db: Database) -> int:
 
 @contextmanager
 def immediate(db: Database) -> Iterator[None]:
-    """One write transaction, taken up front so a check and its write see the same data."""
+    """One write transaction, taken up front so a check and its write see the same data. Inside
+    another it is part of that one (SQLite does not nest transactions)."""
+    if db.conn.in_transaction:
+        yield
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
 from io import BytesIO
@@ -296,7 +297,9 @@ def save_lora(
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = lora_hashes(tensors, meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Not named after the file (a name at the byte limit leaves no room for a longer sibling), and
+    # not tempfile's: its 0600 mode would stay on the LoRA, which other users may have to read.
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
     try:
         safetensors.torch.save_file(tensors, str(tmp), meta)
         with open(tmp, "rb+") as f:

@@ -103,6 +103,37 @@ def _bounds(field: Any) -> tuple[Any, Any]:
     return lo, hi
 
 
+FILE_NAME_BYTES = 255  # the longest file name ext4, btrfs, XFS and APFS take, counted in bytes
+
+
+def epoch_file(name: str, epoch: int) -> str:
+    return f"{name}-{epoch:06d}.safetensors"
+
+
+def sample_file(name: str, epoch: int, index: int) -> str:
+    return f"{name}-{epoch:06d}-{index:02d}.png"
+
+
+def state_folder(name: str, suffix: str = "") -> str:
+    """The saved training state (``suffix`` ".tmp"/".old": its siblings while it is replaced)."""
+    return f".{name}-state{suffix}" if suffix else f"{name}-state"
+
+
+# Every name the trainer makes from output_name, at its longest, so a name that passes here fits
+# in every one of them: an epoch has at least one step, so its number is at most max_train_steps'
+# 1_000_000; sample indices stay below 10000.
+OUTPUT_NAME_BYTES = FILE_NAME_BYTES - max(
+    len(made.encode())
+    for made in (
+        epoch_file("", 1_000_000),
+        sample_file("", 1_000_000, 9999),
+        state_folder("", ".tmp"),
+        state_folder("", ".old"),
+        ".safetensors",
+    )
+)
+
+
 def _file_name(v: str) -> str:
     # Any Unicode is fine (Japanese, emoji); only what breaks a file name is refused.
     bad = set('/\\:*?"<>|\0') & set(v)
@@ -138,7 +169,12 @@ class _Spec(BaseModel):
 
 class TrainSpec(_Spec):
     # What and where.
-    output_name: str = Field(min_length=1, max_length=120)
+    output_name: str = Field(
+        min_length=1,
+        max_length=120,
+        description="the LoRA's name and its files' (NAME-000001.safetensors): at most OUTPUT_NAME_BYTES "
+        "bytes in UTF-8, so every file name training writes fits 255 bytes",
+    )
     base: str = Field(
         min_length=1, description="tiny:sd15, random:sdxl, a .safetensors file or a diffusers folder"
     )
@@ -300,6 +336,14 @@ class TrainSpec(_Spec):
     @field_validator("output_name")
     @classmethod
     def _output_name(cls, v: str) -> str:
+        size = len(v.encode())
+        if size > OUTPUT_NAME_BYTES:
+            raise ValueError(
+                f"is {size} bytes in UTF-8 and can be at most {OUTPUT_NAME_BYTES} (about "
+                f"{OUTPUT_NAME_BYTES // 3} Japanese or {OUTPUT_NAME_BYTES // 4} emoji characters): every file "
+                f"training writes, such as NAME-000001.safetensors, must fit the file system's "
+                f"{FILE_NAME_BYTES} bytes"
+            )
         return _file_name(v)
 
     @field_validator("caption_extension")

@@ -44,6 +44,9 @@ from .spec import (
     SpecError,
     StageEvent,
     TrainSpec,
+    epoch_file,
+    sample_file,
+    state_folder,
     text_encoding,
 )
 from .text import Conditioning
@@ -296,11 +299,11 @@ class Trainer:
 
     # ---- saving and resuming ----
 
-    def _state_dir(self) -> Path:
-        return self.out / f"{self.spec.output_name}-state"
+    def _state_folder(self) -> Path:
+        return self.out / state_folder(self.spec.output_name)
 
     def _save_state(self, epoch: int, step: int) -> None:
-        tmp = self.out / f".{self.spec.output_name}-state.tmp"
+        tmp = self.out / state_folder(self.spec.output_name, ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(
@@ -320,8 +323,8 @@ class Trainer:
             },
             tmp / "train_state.pt",
         )
-        final = self._state_dir()
-        old = self.out / f".{self.spec.output_name}-state.old"
+        final = self._state_folder()
+        old = self.out / state_folder(self.spec.output_name, ".old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
@@ -342,7 +345,7 @@ class Trainer:
         )
 
     def _load_state(self) -> tuple[int, int]:
-        state_dir = self._state_dir()
+        state_dir = self._state_folder()
         if not (state_dir / "train_state.pt").exists():
             self.emit(StageEvent(stage="resume", message="no saved state found: starting from the beginning"))
             return 0, 0
@@ -362,7 +365,7 @@ class Trainer:
 
     def _save_epoch(self, epoch: int, step: int) -> EpochEvent:
         spec = self.spec
-        path = self.out / f"{spec.output_name}-{epoch:06d}.safetensors"
+        path = self.out / epoch_file(spec.output_name, epoch)
         tensors = kohya_state_dict(self.base, DTYPES[spec.save_precision])
         written = save_lora(path, tensors, self.metadata, epoch=epoch, steps=step)
         self._save_state(epoch, step)
@@ -394,7 +397,7 @@ class Trainer:
                     total=len(self.sample_prompts),
                 )
             )
-            path = sample_dir / f"{name}-{i:02d}.png"
+            path = sample_dir / sample_file(spec.output_name, epoch, i)
             # Written as A1111 would describe it, so the preview can be reproduced from its PNG alone.
             described = replace(sp, prompt=f"{sp.prompt} <lora:{name}:1>")
             text = self.sampler.parameters_text(

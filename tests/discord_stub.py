@@ -171,6 +171,9 @@ class StubMessage:
     deleted: bool = False
     nonce: str | None = None
     created: float = 0.0  # stub clock
+    # allowed_mentions of each payload that set content (made, or edited), in order; None where
+    # none was sent, which Discord reads as "ping everyone mentioned"
+    mention_rules: list[dict | None] = field(default_factory=list)
 
     @property
     def ephemeral(self) -> bool:
@@ -383,6 +386,8 @@ class DiscordStub:
         self.commands: dict[int | None, dict[str, dict]] = {}  # guild id (None: global) → name → command
         self.thread_members: dict[int, set[int]] = collections.defaultdict(set)
         self.presences: list[dict] = []
+        self.other_guilds: dict[int, int] = {}  # servers the bot was added to besides this one → a channel
+        self.left_guilds: list[int] = []  # servers the bot left, in order
         self.general = self.add_channel("general")
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -559,6 +564,27 @@ class DiscordStub:
         self._spawn(self._dispatch("CHANNEL_CREATE", self.channels[channel_id], GUILDS_INTENT))
         return channel_id
 
+    def add_guild(self, name: str) -> int:
+        """Someone adds the bot to another server (with one text channel, ``other_guilds[id]``; it
+        stays there after the bot leaves, for interactions an app gets without its bot user)."""
+        guild_id, channel_id = self._snowflake(), self._snowflake()
+        self.channels[channel_id] = {
+            "id": str(channel_id),
+            "type": _CH.text.value,
+            "guild_id": str(guild_id),
+            "name": "general",
+            "position": 0,
+            "nsfw": False,
+            "parent_id": None,
+            "permission_overwrites": [],
+            "last_message_id": None,
+        }
+        self.other_guilds[guild_id] = channel_id
+        # Without "unavailable": a server just joined, not one coming back after an outage.
+        joined = {k: v for k, v in self._other_guild_json(guild_id).items() if k != "unavailable"}
+        self._spawn(self._dispatch("GUILD_CREATE", joined, GUILDS_INTENT))
+        return guild_id
+
     def channel_id(self, name: str) -> int:
         return next(int(c["id"]) for c in self.channels.values() if c.get("name") == name)
 
@@ -595,15 +621,20 @@ class DiscordStub:
         options: Mapping[str, Any] | None = None,
         *,
         channel_id: int | None = None,
+        guild_id: int | None = None,
     ) -> StubInteraction:
         """A member runs a synced slash command (``"admin pause"`` for a subcommand); option values are
         str/int/float/bool, :class:`Upload` (attachment), :class:`StubUser` (user) or ids (channel, role).
         Raises what the member's Discord app would refuse: unknown command, missing permission,
-        missing required option, a value outside the choices or bounds."""
+        missing required option, a value outside the choices or bounds. ``guild_id``: one of
+        ``other_guilds``, where the command is used in that server's channel (global commands only)."""
+        if guild_id is not None:
+            channel_id = self.other_guilds[guild_id]
+        channel_id = channel_id or self.general
         data = self._command_data(
-            user, name, options or {}, focused=None, channel_id=channel_id or self.general
+            user, name, options or {}, focused=None, channel_id=channel_id, guild_id=guild_id
         )
-        return await self._interact(_IT.application_command, user, channel_id or self.general, data)
+        return await self._interact(_IT.application_command, user, channel_id, data, guild_id=guild_id)
 
     async def autocomplete(
         self,
@@ -738,10 +769,17 @@ class DiscordStub:
         return component
 
     def _command_data(
-        self, user: StubUser, name: str, options: Mapping[str, Any], *, focused: str | None, channel_id: int
+        self,
+        user: StubUser,
+        name: str,
+        options: Mapping[str, Any],
+        *,
+        focused: str | None,
+        channel_id: int,
+        guild_id: int | None = None,
     ) -> dict:
         top, *path = name.split()
-        guild_commands = self.commands.get(self.guild_id, {})
+        guild_commands = self.commands.get(guild_id or self.guild_id, {})
         command = guild_commands.get(top) or self.commands.get(None, {}).get(top)
         if command is None:
             raise LookupError(f"/{top} is not synced: the member's Discord app does not offer it")
@@ -753,7 +791,7 @@ class DiscordStub:
             raise PermissionError("application commands do not work in archived threads")
         data = {"id": command["id"], "name": top, "type": command.get("type", 1), "resolved": {}}
         if top in guild_commands:
-            data["guild_id"] = str(self.guild_id)
+            data["guild_id"] = str(guild_id or self.guild_id)
         holder, node = data, command
         for part in path:
             node = next((o for o in node.get("options") or [] if o["name"] == part), None)
@@ -827,7 +865,14 @@ class DiscordStub:
         return value
 
     async def _interact(
-        self, kind: _IT, user: StubUser, channel_id: int, data: dict, *, message: StubMessage | None = None
+        self,
+        kind: _IT,
+        user: StubUser,
+        channel_id: int,
+        data: dict,
+        *,
+        message: StubMessage | None = None,
+        guild_id: int | None = None,
     ) -> StubInteraction:
         if not any(s.ws is not None and not s.invalid for s in self._sessions):
             raise RuntimeError("no bot is connected to the stub's gateway")
@@ -848,8 +893,8 @@ class DiscordStub:
             "application_id": str(self.application_id),
             "type": ix.type,
             "data": data,
-            "guild_id": str(self.guild_id),
-            "guild": {"id": str(self.guild_id), "locale": "en-US", "features": []},
+            "guild_id": str(guild_id or self.guild_id),
+            "guild": {"id": str(guild_id or self.guild_id), "locale": "en-US", "features": []},
             "channel_id": str(channel_id),
             "channel": self._channel(channel_id),
             "member": {**self._member_json(user), "permissions": str(self.permissions(user))},
@@ -859,7 +904,7 @@ class DiscordStub:
             "locale": "en-US",
             "guild_locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": str(self.guild_id)},
+            "authorizing_integration_owners": {"0": str(guild_id or self.guild_id)},
             "context": 0,
             "attachment_size_limit": self.limits.upload_bytes,
         }
@@ -1023,7 +1068,11 @@ class DiscordStub:
         ready = {
             "v": 10,
             "user": self.bot.json(),
-            "guilds": [{"id": str(self.guild_id), "unavailable": True}],
+            "guilds": [
+                {"id": str(g), "unavailable": True}
+                for g in (self.guild_id, *self.other_guilds)
+                if g not in self.left_guilds
+            ],
             "session_id": session.id,
             "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.application_id), "flags": 0},
@@ -1032,6 +1081,8 @@ class DiscordStub:
             ready["shard"] = data["shard"]
         await session.dispatch("READY", ready)
         await session.dispatch("GUILD_CREATE", self._guild_json(intents))
+        for guild_id in self.other_guilds.keys() - set(self.left_guilds):
+            await session.dispatch("GUILD_CREATE", self._other_guild_json(guild_id))
         self._touch()
         return session
 
@@ -1061,7 +1112,9 @@ class DiscordStub:
             "joined_at": dt.datetime.fromtimestamp(self.clock.wall(), dt.UTC).isoformat(),
             "roles": list(self.roles.values()),
             "channels": [
-                c for c in self.channels.values() if c["type"] not in THREAD_TYPES | {_CH.private.value}
+                c
+                for c in self.channels.values()
+                if c["type"] not in THREAD_TYPES | {_CH.private.value} and c["guild_id"] == str(self.guild_id)
             ],
             "threads": [t for t in self.threads() if not t["thread_metadata"]["archived"]],
             "members": [self._member_json(u) for u in members],
@@ -1074,6 +1127,25 @@ class DiscordStub:
             "presences": [],
         }
 
+    def _other_guild_json(self, guild_id: int) -> dict:
+        """Another server: only its @everyone role, one channel and the bot as a member."""
+        everyone = {
+            "id": str(guild_id),
+            "name": "@everyone",
+            "permissions": str(EVERYONE_PERMISSIONS),
+            "position": 0,
+        }
+        return {
+            **self._guild_json(0),
+            "id": str(guild_id),
+            "name": f"Server {guild_id}",
+            "member_count": 1,
+            "roles": [everyone],
+            "channels": [self.channels[self.other_guilds[guild_id]]],
+            "threads": [],
+            "members": [self._member_json(self.bot)],
+        }
+
     # -- REST plumbing ------------------------------------------------------------------------
 
     def _add_routes(self, app: web.Application) -> None:
@@ -1081,6 +1153,7 @@ class DiscordStub:
             ("GET", "/users/@me", self._get_me),
             ("GET", "/users/{user_id}", self._get_user),
             ("POST", "/users/@me/channels", self._open_dm),
+            ("DELETE", "/users/@me/guilds/{guild_id}", self._leave_guild),
             ("GET", "/oauth2/applications/@me", self._get_application),
             ("GET", "/gateway", self._get_gateway),
             ("GET", "/gateway/bot", self._get_gateway),
@@ -1296,6 +1369,7 @@ class DiscordStub:
             type=kind,
             interaction=interaction,
             reference=payload.get("message_reference"),
+            mention_rules=[payload.get("allowed_mentions")] if payload.get("content") else [],
         )
 
     async def _edit(self, message: StubMessage, payload: dict, uploads: list[Upload]) -> None:
@@ -1314,6 +1388,8 @@ class DiscordStub:
             message.flags = (message.flags & EPHEMERAL) | (payload["flags"] & ~EPHEMERAL)
         message.flags &= ~LOADING
         message.edits.append(payload)
+        if payload.get("content"):
+            message.mention_rules.append(payload.get("allowed_mentions"))
         self._touch()
         if not message.ephemeral:
             for session in self._sessions:
@@ -1381,6 +1457,14 @@ class DiscordStub:
             "max_concurrency": 1,
         }
         return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+
+    async def _leave_guild(self, request: web.Request) -> web.Response:
+        guild_id = int(request.match_info["guild_id"])
+        if guild_id != self.guild_id and guild_id not in self.other_guilds:
+            raise _unknown("Guild", 10004)
+        self.left_guilds.append(guild_id)
+        await self._dispatch("GUILD_DELETE", {"id": str(guild_id)}, GUILDS_INTENT)
+        return web.Response(status=204)
 
     def _check_guild(self, request: web.Request) -> None:
         if int(request.match_info["guild_id"]) != self.guild_id:

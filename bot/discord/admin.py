@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from .. import jobs, store
-from ..config import Quota
+from ..config import ConfigError, Quota, quota_value
 from ..files import member_dir
 from . import state
 from .common import defer, duration, member_id, say, sentence, size_text
@@ -79,6 +78,18 @@ class Cog(commands.Cog, name="Cog_admin"):
             f"{q.images_per_dataset} images a dataset · {q.total_steps} steps a job",
         )
 
+    async def _owner_scope(self, ix: discord.Interaction) -> bool:
+        """With ``public = true`` the queue and the members' files are shared by every server, so an
+        admin of one server must not act on them: only ``/admin quota`` (its roles) is theirs."""
+        if not self.bot.cfg.discord.public:
+            return True
+        await say(
+            ix,
+            "This bot serves many servers; the queue and members' files are the bot owner's to manage "
+            "(`loracord jobs …`). Here you can set your roles' limits with /admin quota.",
+        )
+        return False
+
     admin = app_commands.Group(
         name="admin",
         description="Run the queue (Manage Server)",
@@ -89,6 +100,8 @@ class Cog(commands.Cog, name="Cog_admin"):
     @admin.command(name="pause", description="Start no new jobs (running ones go on)")
     async def pause(self, ix: discord.Interaction) -> None:
         await defer(ix)
+        if not await self._owner_scope(ix):
+            return
         store.set_setting(self.bot.db, "paused", True)
         running = len(store.list_jobs(self.bot.db, ("running",)))
         await say(ix, f"⏸️ Paused. {running} job(s) still running; /admin resume starts the queue again.")
@@ -96,12 +109,16 @@ class Cog(commands.Cog, name="Cog_admin"):
     @admin.command(name="resume", description="Start jobs again")
     async def resume(self, ix: discord.Interaction) -> None:
         await defer(ix)
+        if not await self._owner_scope(ix):
+            return
         store.set_setting(self.bot.db, "paused", False)
         await say(ix, "▶️ The queue runs again.")
 
     @admin.command(name="drain", description="Pause, and cancel every job still waiting")
     async def drain(self, ix: discord.Interaction) -> None:
         await defer(ix)
+        if not await self._owner_scope(ix):
+            return
         store.set_setting(self.bot.db, "paused", True)
         waiting = store.list_jobs(self.bot.db, ("queued",))
         for job in waiting:
@@ -111,6 +128,8 @@ class Cog(commands.Cog, name="Cog_admin"):
     @admin.command(name="cancel", description="Cancel any job")
     async def admin_cancel(self, ix: discord.Interaction, job: int) -> None:
         await defer(ix)
+        if not await self._owner_scope(ix):
+            return
         try:
             what = jobs.request_cancel(self.bot.db, job)
         except jobs.JobError as e:
@@ -124,6 +143,8 @@ class Cog(commands.Cog, name="Cog_admin"):
     @admin.command(name="purge", description="Delete a member's datasets, LoRAs and images")
     async def purge(self, ix: discord.Interaction, member: discord.User) -> None:
         await defer(ix)
+        if not await self._owner_scope(ix):
+            return
         who = member_id(member)
         for job in store.list_jobs(self.bot.db, store.ACTIVE, owner=who):
             jobs.request_cancel(self.bot.db, job.id)
@@ -133,20 +154,15 @@ class Cog(commands.Cog, name="Cog_admin"):
         store.delete_artifacts(self.bot.db, who)
         await say(ix, f"Purged <@{who}>'s data.", allowed_mentions=discord.AllowedMentions.none())
 
-    @admin.command(name="quota", description="Set a role's limit ('default' removes it)")
+    @admin.command(name="quota", description="Set a role's limit: a number, 'unlimited' or 'default'")
     @app_commands.choices(key=[app_commands.Choice(name=k, value=k) for k in Quota.names()])
     async def admin_quota(self, ix: discord.Interaction, role: discord.Role, key: str, value: str) -> None:
         await defer(ix)
-        number: Any = None
-        if value.strip().lower() != "default":
-            try:
-                number = float(value)
-            except ValueError:
-                await say(ix, f"'{value}' is not a number (or 'default').")
-                return
-            if number < 0:
-                await say(ix, "Limits cannot be negative.")
-                return
+        try:
+            number = quota_value(key, value)
+        except ConfigError as e:
+            await say(ix, f"Not changed: {e}.", allowed_mentions=discord.AllowedMentions.none())
+            return
         store.set_quota_override(self.bot.db, "role", str(role.id), key, number)
         await say(ix, f"{role.name}: {key} = {value}.", allowed_mentions=discord.AllowedMentions.none())
 

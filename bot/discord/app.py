@@ -21,7 +21,7 @@ from ..config import TOKEN_ENV, Config, ConfigError
 from ..scheduler import Scheduler
 from ..web import WebServer
 from . import admin, gen, library, train
-from .common import DEFAULT_UPLOAD_LIMIT
+from .common import DEFAULT_UPLOAD_LIMIT, ServedTree
 from .delivery import Courier
 from .progress import Coalescer
 
@@ -38,12 +38,16 @@ def point_discord_py(cfg: Config) -> None:
 
 class LoracordBot(commands.Bot):
     def __init__(self, cfg: Config, db: Database, scheduler: Scheduler, web: WebServer, **options: Any):
+        cfg.discord.check_served()
         intents = discord.Intents.default()
         intents.message_content = True  # images and zips members post in their training thread
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=intents,
-            allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False),
+            # Names, captions and file names are members' text: nothing the bot posts pings anyone
+            # unless that one send names whom it mentions.
+            allowed_mentions=discord.AllowedMentions.none(),
+            tree_cls=ServedTree,
             **options,
         )
         self.cfg, self.db, self.scheduler, self.web = cfg, db, scheduler, web
@@ -57,16 +61,26 @@ class LoracordBot(commands.Bot):
             self.add_dynamic_items(*module.ITEMS)
         self.scheduler.subscribe(self.courier.on_job_event)
         self.courier.start()
-        guilds = [discord.Object(g) for g in self.cfg.discord.guilds]
-        for guild in guilds:
+        if self.cfg.discord.public:
+            await self.tree.sync()
+            return
+        for guild in (discord.Object(g) for g in self.cfg.discord.guilds):
             self.tree.copy_global_to(guild=guild)
             await self.tree.sync(guild=guild)
-        if not guilds:
-            await self.tree.sync()
+
+    async def _leave_unless_served(self, guild: discord.Guild) -> None:
+        if not self.cfg.discord.serves(guild.id):
+            log.warning("leaving server %s (%s): it is not in [discord] guilds", guild.id, guild.name)
+            await guild.leave()
+
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        await self._leave_unless_served(guild)
 
     async def on_ready(self) -> None:
         self.web.discord_connected = True
         self.courier.retry_now()
+        for guild in list(self.guilds):  # added while the bot was not running
+            await self._leave_unless_served(guild)
         log.info("Discord: logged in as %s", self.user)
 
     async def on_resumed(self) -> None:

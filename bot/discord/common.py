@@ -31,6 +31,30 @@ def bot_of(ix: discord.Interaction) -> LoracordBot:
     return ix.client  # type: ignore[return-value]
 
 
+async def served(ix: discord.Interaction) -> bool:
+    """Whether the bot acts on ``ix``: only in the servers ``[discord] guilds`` lists (any server
+    with ``public``, never a DM). Anything else is answered with a refusal and changes nothing."""
+    if bot_of(ix).cfg.discord.serves(ix.guild_id):
+        return True
+    if ix.type is discord.InteractionType.autocomplete:
+        await ix.response.autocomplete([])
+    else:
+        await ix.response.send_message("This bot serves only its owner's servers.", ephemeral=True)
+    return False
+
+
+class Served:
+    """Mixed into every component and modal: what ``served`` refuses never reaches a callback."""
+
+    async def interaction_check(self, ix: discord.Interaction, /) -> bool:
+        return await served(ix)
+
+
+class ServedTree(discord.app_commands.CommandTree):
+    async def interaction_check(self, ix: discord.Interaction, /) -> bool:
+        return await served(ix)
+
+
 def _acked(ix: discord.Interaction) -> None:
     bot = bot_of(ix)
     bot.upload_limit = ix.filesize_limit
@@ -90,6 +114,19 @@ def nsfw_mode(bot: LoracordBot, channel: object) -> str:
     if callable(is_nsfw) and is_nsfw():
         return "allow"
     return bot.cfg.discord.nsfw
+
+
+async def nsfw_mode_of(bot: LoracordBot, channel_id: int) -> str:
+    """``nsfw_mode`` of a channel known by id. A thread is often not in the cache (archived, or
+    the bot restarted since it was made), and a thread is NSFW when its parent is: both are
+    fetched from Discord when the cache lacks them."""
+    try:
+        channel = bot.get_channel(channel_id) or await bot.fetch_channel(channel_id)
+        if isinstance(channel, discord.Thread) and channel.parent is None:
+            channel = await bot.fetch_channel(channel.parent_id)
+    except discord.HTTPException:
+        channel = None  # gone or hidden: the configured policy, never "allow"
+    return nsfw_mode(bot, channel)
 
 
 def image_file(path: str | Path, spoiler: bool, name: str | None = None) -> discord.File:

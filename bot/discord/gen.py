@@ -16,6 +16,7 @@ from runner.spec import FailedEvent, GenSampler, ImagesEvent, StageEvent
 from .. import jobs, store
 from . import library, state
 from .common import (
+    Served,
     bot_of,
     clip,
     defer,
@@ -92,6 +93,7 @@ async def submit(
 
 
 class GenButton(
+    Served,
     discord.ui.DynamicItem[discord.ui.Button],
     template=r"lc:g:(?P<job>\d+):(?P<action>again|down|up|info|del)",
 ):

@@ -17,7 +17,7 @@ from discord.ext import commands
 from .. import store
 from ..files import member_path
 from . import state
-from .common import bot_of, clip, defer, member_id, say, size_text
+from .common import Served, bot_of, clip, defer, member_id, say, size_text
 
 _MAX_LISTED = 20
 
@@ -97,7 +97,9 @@ def download_link(bot, path: str) -> str:
 
 
 class LoraButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"lc:l:(?P<row>\d+):(?P<action>share|unshare|del|dl)"
+    Served,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"lc:l:(?P<row>\d+):(?P<action>share|unshare|del|dl)",
 ):
     LABELS = {"share": "Share", "unshare": "Unshare", "del": "Delete", "dl": "Download"}
 
@@ -136,7 +138,7 @@ class LoraButton(
             await say(ix, f"**{lo.name}** was deleted from your library, with every epoch of its training.")
 
 
-class LoraSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:ls:(?P<owner>\d+)"):
+class LoraSelect(Served, discord.ui.DynamicItem[discord.ui.Select], template=r"lc:ls:(?P<owner>\d+)"):
     def __init__(self, owner: str, loras: list[tuple[int, state.Lora]] | None = None) -> None:
         options = [
             discord.SelectOption(label=lo.name[:100], value=str(row), description=size_text(lo.size))

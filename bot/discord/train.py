@@ -48,6 +48,7 @@ from ..config import ConfigError
 from ..files import DiskFull, PathError, check_free_disk, dataset_images, member_path
 from . import library, state
 from .common import (
+    Served,
     bar,
     bot_of,
     clip,
@@ -57,7 +58,7 @@ from .common import (
     files_or_links,
     image_file,
     member_id,
-    nsfw_mode,
+    nsfw_mode_of,
     owned_job,
     role_ids,
     say,
@@ -80,6 +81,7 @@ _CHILDREN = multiprocessing.get_context("forkserver")
 _CHILDREN.set_forkserver_preload(["runner.intake"])
 _CHUNK = 1 << 16  # bytes an attachment is written to disk by, never held whole in memory
 _SWEEP_MINUTES = 60
+FROZEN = "Training has started: its images and captions are frozen. Start a new /train to change them."
 
 
 # ---- the draft's dataset and settings ----
@@ -188,6 +190,7 @@ async def refresh_card(bot: commands.Bot, draft: state.Draft) -> None:
 
 
 class DraftButton(
+    Served,
     discord.ui.DynamicItem[discord.ui.Button],
     template=r"lc:d:(?P<draft>\d+):(?P<action>tag|set|start|drop|apply|page)(?::(?P<arg>\d+))?",
 ):
@@ -228,7 +231,9 @@ class DraftButton(
         await getattr(cog, f"do_{self.action}")(ix, draft, self.arg)
 
 
-class TagSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:t:(?P<draft>\d+):(?P<page>\d+)"):
+class TagSelect(
+    Served, discord.ui.DynamicItem[discord.ui.Select], template=r"lc:t:(?P<draft>\d+):(?P<page>\d+)"
+):
     def __init__(self, draft: int, page: int, options: list[discord.SelectOption] | None = None) -> None:
         options = options or [discord.SelectOption(label="-", value="-")]
         super().__init__(
@@ -253,6 +258,9 @@ class TagSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:t:(?P<d
             await say(
                 ix, "Only the dataset's owner can choose its tags." if draft else "That dataset is gone."
             )
+            return
+        if draft.job_id is not None:
+            await say(ix, FROZEN)
             return
         shown = {o["value"] for o in _select_options(ix.message, f"lc:t:{self.draft_id}:{self.page}")}
         s = draft.settings_dict
@@ -298,7 +306,9 @@ def tag_view(draft: state.Draft, tagged: TaggedEvent | None, page: int) -> disco
 
 
 class JobButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"lc:j:(?P<job>\d+):(?P<action>use|dl):(?P<epoch>\d+)"
+    Served,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"lc:j:(?P<job>\d+):(?P<action>use|dl):(?P<epoch>\d+)",
 ):
     def __init__(self, job: int, action: str, epoch: int) -> None:
         label = f"Use epoch {epoch}" if action == "use" else "Download"
@@ -316,7 +326,7 @@ class JobButton(
         await pick_or_download(ix, self.job_id, self.action, self.epoch)
 
 
-class EpochSelect(discord.ui.DynamicItem[discord.ui.Select], template=r"lc:e:(?P<job>\d+)"):
+class EpochSelect(Served, discord.ui.DynamicItem[discord.ui.Select], template=r"lc:e:(?P<job>\d+)"):
     def __init__(self, job: int, epochs: list[int] | None = None) -> None:
         options = [discord.SelectOption(label=f"Epoch {e}", value=str(e)) for e in (epochs or [1])[-25:]]
         super().__init__(
@@ -363,7 +373,7 @@ async def pick_or_download(ix: discord.Interaction, job_id: int, action: str, ep
 ITEMS = (DraftButton, TagSelect, JobButton, EpochSelect)
 
 
-class SettingsModal(discord.ui.Modal):
+class SettingsModal(Served, discord.ui.Modal):
     def __init__(self, cog: Cog, draft: state.Draft):
         super().__init__(title="Training settings", custom_id=f"lc:m:{draft.id}", timeout=600)
         self.cog, self.draft = cog, draft
@@ -402,6 +412,7 @@ class Cog(commands.Cog, name="Cog_train"):
     def __init__(self, bot: commands.Bot):
         self.bot = bot
         self._intake_locks: dict[int, asyncio.Lock] = {}
+        self._early: dict[int, set[int]] = {}  # draft → message ids taken in while its card was made
 
     @app_commands.command(name="train", description="Train a LoRA: opens a thread for your images")
     @app_commands.describe(
@@ -456,16 +467,41 @@ class Cog(commands.Cog, name="Cog_train"):
             type=discord.ChannelType.public_thread,
             auto_archive_duration=bot.cfg.discord.archive_minutes,
         )
-        await thread.add_user(ix.user)
+        # No await between the thread and its draft: from here on, on_message takes images in.
         draft = state.new_draft(
             bot.db, member_id(ix.user), name, base, thread.id, {"trigger": trigger, "preset": preset}
         )
+        self._early[draft.id] = set()
+        await thread.add_user(ix.user)
         embed, files, view = card(bot, draft)
-        message = await thread.send(f"<@{ix.user.id}>", embed=embed, files=files, view=view)
+        message = await thread.send(
+            f"<@{ix.user.id}>",
+            embed=embed,
+            files=files,
+            view=view,
+            allowed_mentions=discord.AllowedMentions(users=[ix.user]),
+        )
         draft = state.update_draft(bot.db, draft.id, card_id=message.id)
+        early = await self._posted_earlier(draft, thread)
         await say(ix, f"Your LoRA's thread: {thread.mention} — post your images there.")
-        if images is not None:
-            await self.take_in(draft, [images], thread)
+        attachments = [a for m in early for a in m.attachments] + ([images] if images else [])
+        if attachments:
+            await self.take_in(draft, attachments, thread)
+        elif self._early[draft.id]:  # on_message took some in while the card was made: it may be stale
+            await refresh_card(bot, state.get_draft(bot.db, draft.id))
+
+    async def _posted_earlier(self, draft: state.Draft, thread: discord.Thread) -> list[discord.Message]:
+        """The owner's messages with files that on_message could not take in: the thread shows up
+        in their app before the bot hears back that it made it, so they are read from its history."""
+        taken = self._early[draft.id]
+        found = [m async for m in thread.history(limit=100, oldest_first=True)]
+        # Checked and marked with no await in between: on_message skips what is marked, and this
+        # skips what on_message took in while the history was read.
+        early = [m for m in found if m.author.id == int(draft.owner) and m.attachments and m.id not in taken]
+        taken.update(m.id for m in early)
+        # A late gateway event for one of these may still come; the marks stay for a while.
+        asyncio.get_running_loop().call_later(600, self._early.pop, draft.id, None)
+        return early
 
     @train.autocomplete("base")
     async def _bases(self, ix: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -557,25 +593,41 @@ class Cog(commands.Cog, name="Cog_train"):
             return
         await send_modal(ix, SettingsModal(self, draft))
 
+    def _busy(self, draft_id: int) -> str | None:
+        """Why the draft cannot start work now (read in the caller's transaction), or None."""
+        draft = state.get_draft(self.bot.db, draft_id)
+        if draft is None:
+            return "That dataset no longer exists."
+        if draft.job_id is not None:
+            return FROZEN
+        tagging = store.get_job(self.bot.db, draft.tag_job_id) if draft.tag_job_id else None
+        if tagging is not None and tagging.state in store.ACTIVE:
+            return f"Auto-tag (job #{tagging.id}) is still at work; its tags appear in the thread."
+        return None
+
     async def do_tag(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
         await defer(ix)
         s = draft.settings_dict
+        # Checked and written in one transaction: a second tap (or a second process) finds the first job.
         try:
-            job = jobs.submit_tag(
-                self.bot.db,
-                self.bot.cfg,
-                draft.owner,
-                draft.dataset,
-                {
-                    "tagger": self.bot.cfg.discord.tagger,
-                    "trigger_word": s.get("trigger"),
-                    "preset": s.get("preset"),
-                },
-            )
+            with store.immediate(self.bot.db):
+                if busy := self._busy(draft.id):
+                    raise jobs.JobError(busy)
+                job = jobs.submit_tag(
+                    self.bot.db,
+                    self.bot.cfg,
+                    draft.owner,
+                    draft.dataset,
+                    {
+                        "tagger": self.bot.cfg.discord.tagger,
+                        "trigger_word": s.get("trigger"),
+                        "preset": s.get("preset"),
+                    },
+                )
+                state.update_draft(self.bot.db, draft.id, tag_job_id=job.id)
         except jobs.JobError as e:
             await say(ix, f"Not queued: {e}")
             return
-        state.update_draft(self.bot.db, draft.id, tag_job_id=job.id)
         await say(ix, f"🏷️ Tagging queued (job #{job.id}); the tags appear in the thread.")
 
     async def do_page(self, ix: discord.Interaction, draft: state.Draft, page: int | None) -> None:
@@ -583,6 +635,9 @@ class Cog(commands.Cog, name="Cog_train"):
 
     async def do_apply(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
         await defer(ix)
+        if draft.job_id is not None:
+            await say(ix, FROZEN)
+            return
         remove = draft.settings_dict.get("remove", [])
         if not remove:
             await say(ix, "No tags selected.")
@@ -596,36 +651,41 @@ class Cog(commands.Cog, name="Cog_train"):
 
     async def do_start(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
         await defer(ix)
-        folder = dataset_dir(self.bot, draft)
-        sub = subset_dir(folder) if folder.is_dir() else None
-        if sub is None:
-            await say(ix, "Post some images in the thread first.")
-            return
-        wanted = folder / f"{repeats(draft)}_{SUBSET}"
-        if sub != wanted:
-            sub.rename(wanted)
-        s = draft.settings_dict
-        settings = {**s.get("train", {}), "trigger_word": s.get("trigger"), "preset": s.get("preset")}
-        try:
-            job = jobs.submit_train(
-                self.bot.db,
-                self.bot.cfg,
-                draft.owner,
-                draft.dataset,
-                draft.base,
-                draft.name,
-                settings,
-                role_ids(ix.user),
-            )
-        except jobs.JobError as e:
-            await say(ix, f"Not started: {e}")
-            return
-        draft = state.update_draft(self.bot.db, draft.id, job_id=job.id)
+        # Not while images are being taken in; and from here on nothing changes the dataset.
+        async with self._intake_locks.setdefault(draft.id, asyncio.Lock()):
+            try:
+                job = self._start(draft.id, role_ids(ix.user))
+            except jobs.JobError as e:
+                await say(ix, f"Not started: {e}")
+                return
+        draft = state.get_draft(self.bot.db, draft.id)
         thread = self.bot.get_partial_messageable(draft.thread_id)
         progress = await thread.send(queued_text(self.bot, job))
         state.update_draft(self.bot.db, draft.id, progress_id=progress.id)
         await refresh_card(self.bot, draft)
         await say(ix, f"▶️ Queued as job #{job.id}. Progress is posted in the thread.")
+
+    def _start(self, draft_id: int, roles: list[str] | None) -> store.Job:
+        """Queue the draft's training once: the check and the job are one transaction, so a double
+        tap (or another process) finds the first job and is refused."""
+        with store.immediate(self.bot.db):
+            if busy := self._busy(draft_id):
+                raise jobs.JobError(busy)
+            draft = state.get_draft(self.bot.db, draft_id)
+            folder = dataset_dir(self.bot, draft)
+            sub = subset_dir(folder) if folder.is_dir() else None
+            if sub is None:
+                raise jobs.JobError("post some images in the thread first.")
+            wanted = folder / f"{repeats(draft)}_{SUBSET}"
+            if sub != wanted:
+                sub.rename(wanted)
+            s = draft.settings_dict
+            settings = {**s.get("train", {}), "trigger_word": s.get("trigger"), "preset": s.get("preset")}
+            job = jobs.submit_train(
+                self.bot.db, self.bot.cfg, draft.owner, draft.dataset, draft.base, draft.name, settings, roles
+            )
+            state.update_draft(self.bot.db, draft.id, job_id=job.id)
+        return job
 
     async def do_drop(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
         await defer(ix)
@@ -662,6 +722,11 @@ class Cog(commands.Cog, name="Cog_train"):
                 "Training has started; start a new /train to use more images.", mention_author=False
             )
             return
+        taken = self._early.get(draft.id)
+        if taken is not None:
+            if message.id in taken:
+                return
+            taken.add(message.id)
         await self.take_in(draft, message.attachments, message.channel)
 
     async def take_in(
@@ -669,6 +734,9 @@ class Cog(commands.Cog, name="Cog_train"):
     ) -> None:
         lock = self._intake_locks.setdefault(draft.id, asyncio.Lock())
         async with lock:
+            if state.get_draft(self.bot.db, draft.id).job_id is not None:  # Start won the lock first
+                await thread.send(FROZEN)
+                return
             data = self.bot.cfg.data
             try:
                 check_free_disk(self.bot.cfg.data_dir, data.min_free_gb, sum(a.size for a in attachments))
@@ -828,9 +896,9 @@ class Cog(commands.Cog, name="Cog_train"):
             await thread.send(clip(text), view=tag_view(draft, event, 0), nonce=outbox_nonce())
             await refresh_card(self.bot, draft)
 
-    def _spoiler(self, thread_id: int) -> bool | None:
+    async def _spoiler(self, thread_id: int) -> bool | None:
         """True/False: post images as spoilers or not; None: images refused in this channel."""
-        mode = nsfw_mode(self.bot, self.bot.get_channel(thread_id))
+        mode = await nsfw_mode_of(self.bot, thread_id)
         return None if mode == "refuse" else mode == "spoiler"
 
     async def _post_epoch(
@@ -839,7 +907,7 @@ class Cog(commands.Cog, name="Cog_train"):
         view = discord.ui.View(timeout=None)
         view.add_item(JobButton(job.id, "use", event.epoch))
         view.add_item(JobButton(job.id, "dl", event.epoch))
-        spoiler = self._spoiler(draft.thread_id)
+        spoiler = await self._spoiler(draft.thread_id)
         files, links, note = [], [], ""
         if event.sample_images and spoiler is not None:
             out = Path(event.lora_file).parent / f"preview-{event.epoch:06d}.png"
@@ -865,7 +933,7 @@ class Cog(commands.Cog, name="Cog_train"):
             draft, f"✅ **{draft.name}** finished: {event.steps} steps in {duration(event.seconds)}."
         )
         files, links = [], []
-        spoiler = self._spoiler(draft.thread_id)
+        spoiler = await self._spoiler(draft.thread_id)
         with_images = [e for e in epochs if e.get("sample_images")]
         if with_images and spoiler is not None:
             out = Path(event.lora_file).parent / "epochs-grid.png"
