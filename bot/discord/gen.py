@@ -41,9 +41,16 @@ def _base_name(bot: commands.Bot, base: str) -> str:
 
 
 async def submit(
-    ix: discord.Interaction, prompt: str, loras: dict[str, float], base: str | None, settings: dict[str, Any]
+    ix: discord.Interaction,
+    prompt: str,
+    loras: dict[str, float],
+    base: str | None,
+    settings: dict[str, Any],
+    button: str | None = None,
 ) -> None:
-    """Resolve LoRA names in the library, queue the job, tell the member where it stands. ``ix`` is deferred."""
+    """Resolve LoRA names in the library, queue the job, tell the member where it stands. ``ix`` is
+    deferred. ``button``: the custom_id that asked, which queues one job per member however often
+    it is tapped."""
     bot = bot_of(ix)
     me = member_id(ix.user)
     mode = nsfw_mode(bot, ix.channel)
@@ -70,15 +77,18 @@ async def submit(
         base = base or lo.base
     base = base or next(iter(bot.cfg.bases), "")
     try:
-        job = jobs.submit_gen(
-            bot.db,
-            bot.cfg,
-            me,
-            " ".join(bare.split()),
-            base,
-            {**settings, "loras": resolved},
-            role_ids(ix.user),
-        )
+        with store.immediate(bot.db):  # the tap is claimed with its job, or not at all
+            if button and not state.claim_tap(bot.db, button, me):
+                raise jobs.JobError("this button already queued your images (a double tap?)")
+            job = jobs.submit_gen(
+                bot.db,
+                bot.cfg,
+                me,
+                " ".join(bare.split()),
+                base,
+                {**settings, "loras": resolved},
+                role_ids(ix.user),
+            )
     except jobs.JobError as e:
         await say(ix, f"Not queued: {e}")
         return
@@ -137,7 +147,7 @@ class GenButton(
             step = WEIGHT_STEP if self.action == "up" else -WEIGHT_STEP
             prompt = bare.rstrip() + "".join(f" {lora_tag(t.name, round(t.weight + step, 2))}" for t in tags)
         settings["count"] = len(result.images)
-        await submit(ix, prompt, {}, _base_name(bot, job.spec_dict["base"]), settings)
+        await submit(ix, prompt, {}, _base_name(bot, job.spec_dict["base"]), settings, ix.data["custom_id"])
 
 
 ITEMS = (GenButton,)

@@ -113,6 +113,13 @@ def delete_drafts(db: Database, owner: str) -> None:
     db.execute("DELETE FROM discord_drafts WHERE owner = ?", [owner])
 
 
+def claim_tap(db: Database, button: str, member: str) -> bool:
+    """True the first time ``member`` uses ``button`` (a component's custom_id); False after,
+    so a double tap starts one job. Call it in the transaction that starts the job."""
+    sql = "INSERT INTO discord_taps (button, member, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+    return db.execute(sql, [button, member, time.time()]).rowcount == 1
+
+
 # ---- where a job's result goes ----
 
 
