@@ -2,14 +2,18 @@
 layout A1111 and Civitai ship.
 
 diffusers only converts LDM → diffusers (``convert_ldm_*_checkpoint`` in
-``diffusers/loaders/single_file_utils.py``); :func:`base_to_ldm` is the inverse of those functions, so
-tests and benchmarks can build single-file checkpoints without downloading one.
+``diffusers/loaders/single_file_utils.py``, and ``_maybe_map_sgm_blocks_to_diffusers`` for LoRA
+names); :func:`base_to_ldm` is the inverse of those functions, so tests and benchmarks can build
+single-file checkpoints without downloading one, and :func:`unet_module_to_ldm` gives SDXL LoRA
+files kohya's module names.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,28 +46,35 @@ def _renamed(rest: str, pairs: tuple[tuple[str, str], ...]) -> str:
     return rest
 
 
-def unet_to_ldm(sd: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
-    n = layers_per_block + 1  # LDM numbers resnets, attentions and the resampler of a block in one row
-    up_with_attn = {int(k.split(".")[1]) for k in sd if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+def unet_module_to_ldm(module: str, config: Mapping[str, Any]) -> str:
+    """The original (LDM) path of a diffusers UNet module, e.g. ``up_blocks.0.upsamplers.0.conv`` →
+    ``output_blocks.2.2.conv`` for SDXL. kohya's SDXL UNet (``sdxl_original_unet.py``) names its
+    modules this way, so its LoRA keys are these paths; A1111 and ComfyUI map them directly."""
+    # LDM numbers the resnets, attentions and resampler of a block in one row.
+    n = int(config["layers_per_block"]) + 1
+    if module in _UNET_FIXED:
+        return _UNET_FIXED[module]
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module):
+        side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        row = f"input_blocks.{1 + i * n + j}" if side == "down" else f"output_blocks.{i * n + j}"
+        return f"{row}.0.{_renamed(rest, _RESNET)}" if kind == "resnets" else f"{row}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module):
+        return f"input_blocks.{(int(m[1]) + 1) * n}.0.op"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", module):
+        i = int(m[1])
+        # The upsampler follows the attention in blocks that have one (SDXL's up_blocks.0; not SD1.5's).
+        slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
+        return f"output_blocks.{i * n + n - 1}.{slot}.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", module):
+        return f"middle_block.{2 * int(m[1])}.{_renamed(m[2], _RESNET)}"
+    return module.replace("mid_block.attentions.0.", "middle_block.1.")
+
+
+def unet_to_ldm(sd: dict[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
     out = {}
     for key, v in sd.items():
         module, _, param = key.rpartition(".")
-        if module in _UNET_FIXED:
-            new = f"{_UNET_FIXED[module]}.{param}"
-        elif m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
-            row = f"input_blocks.{1 + i * n + j}" if side == "down" else f"output_blocks.{i * n + j}"
-            new = f"{row}.0.{_renamed(rest, _RESNET)}" if kind == "resnets" else f"{row}.1.{rest}"
-        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-            new = f"input_blocks.{(int(m[1]) + 1) * n}.0.op.{m[2]}"
-        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
-            i = int(m[1])
-            new = f"output_blocks.{i * n + n - 1}.{2 if i in up_with_attn else 1}.{m[2]}"
-        elif m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
-            new = f"middle_block.{2 * int(m[1])}.{_renamed(m[2], _RESNET)}"
-        else:
-            new = key.replace("mid_block.attentions.0.", "middle_block.1.")
-        out[f"model.diffusion_model.{new}"] = v
+        out[f"model.diffusion_model.{unet_module_to_ldm(module, config)}.{param}"] = v
     return out
 
 
@@ -122,7 +133,7 @@ def open_clip_to_ldm(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def base_to_ldm(base: Base) -> dict[str, Tensor]:
     """The whole checkpoint, keyed as in an A1111 ``.safetensors`` of ``base``'s family."""
-    sd = unet_to_ldm(base.unet.state_dict(), base.unet.config.layers_per_block)
+    sd = unet_to_ldm(base.unet.state_dict(), base.unet.config)
     sd |= vae_to_ldm(base.vae.state_dict(), len(base.vae.config.block_out_channels))
     te = [t.state_dict() for t in base.text_encoders]
     if base.family == "sd15":

@@ -1,7 +1,8 @@
 """LoRA files in kohya's format: the keys, ``ss_*`` metadata and hashes that A1111, ComfyUI,
 Civitai and kohya's own tools read.
 
-Keys are ``lora_unet_<module>`` / ``lora_te_<module>`` (SD1.5) / ``lora_te1_``/``lora_te2_`` (SDXL),
+Keys are ``lora_unet_<module>`` / ``lora_te_<module>`` (SD1.5) / ``lora_te1_``/``lora_te2_`` (SDXL,
+whose UNet modules carry their original LDM paths: ``lora_unet_input_blocks_4_1_…``),
 Flux: ``lora_unet_`` with BFL's module names (``runner/flux_keys.py``) and ``lora_te1_`` (CLIP-L);
 each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (the real alpha). Hashes follow
 kohya's ``train_util.precalculate_safetensors_hashes``.
@@ -16,6 +17,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from io import BytesIO
@@ -27,6 +29,7 @@ import safetensors.torch
 import torch
 
 from .flux_keys import KohyaModule, fuse
+from .ldm_keys import unet_module_to_ldm
 from .models import Base
 from .network import block_lr_weights, lora_modules
 from .spec import Family, TrainSpec
@@ -62,8 +65,21 @@ def _kohya_prefix(component: str, family: Family) -> str:
     return "lora_te" if family == "sd15" else f"lora_{component}"
 
 
-def kohya_name(component: str, module: str, family: Family) -> str:
-    """kohya's module name: prefix + module path, dots turned to underscores."""
+def kohya_name(
+    component: str, module: str, family: Family, unet_config: Mapping[str, Any] | None = None
+) -> str:
+    """kohya's module name: prefix + module path, dots turned to underscores.
+
+    SDXL's UNet modules go by their original (LDM) paths (``lora_unet_input_blocks_4_1_…``), as
+    kohya's ``sdxl_train_network.py`` writes them: its SDXL UNet keeps the original module names, and
+    A1111 maps SDXL's diffusers-style names with SD1.5's block layout, losing modules such as
+    ``up_blocks.0.upsamplers.0``. SD1.5 keeps diffusers paths, as kohya's ``train_network.py`` writes.
+    ``unet_config`` (the UNet's diffusers config) is needed for SDXL UNet modules.
+    """
+    if component == "unet" and family == "sdxl":
+        if unet_config is None:
+            raise ValueError("SDXL UNet modules need the UNet's config to get their kohya names")
+        module = unet_module_to_ldm(module, unet_config)
     # transformers 5's CLIPTextModel lost the text_model wrapper; A1111 and ComfyUI only map names with it.
     if component != "unet" and not module.startswith("text_model."):
         module = "text_model." + module
@@ -78,7 +94,12 @@ def kohya_modules(base: Base) -> list[KohyaModule]:
         fused = list(fuse(m for m in modules if m.component == "unet"))
         modules = [m for m in modules if m.component != "unet"]
     return fused + [
-        KohyaModule(kohya_name(m.component, m.name, base.family), m.down.detach(), m.up.detach(), m.alpha)
+        KohyaModule(
+            kohya_name(m.component, m.name, base.family, base.unet.config),
+            m.down.detach(),
+            m.up.detach(),
+            m.alpha,
+        )
         for m in modules
     ]
 

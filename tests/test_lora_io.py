@@ -1,13 +1,18 @@
 import hashlib
 import json
+import re
 import time
+from functools import cache
 
 import pytest
 import safetensors.torch
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.utils import convert_unet_state_dict_to_peft
 
 from runner import lora_io
+from runner.ldm_keys import base_to_ldm, unet_to_ldm
 from runner.lora_io import (
     LoraFileError,
     TrainingFacts,
@@ -76,7 +81,9 @@ def test_key_names_sd15():
 def test_key_names_sdxl():
     base, _ = trained("sdxl")
     modules = {k.split(".")[0] for k in kohya_state_dict(base)}
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k" in modules
+    # kohya's sdxl_train_network.py names the UNet's modules by their original (LDM) paths.
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k" in modules
+    assert not any(re.match(r"lora_unet_(down|mid|up)_block", m) for m in modules)
     assert "lora_te1_text_model_encoder_layers_0_self_attn_k_proj" in modules
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc1" in modules
     assert not any(m.startswith("lora_te_") for m in modules)
@@ -177,13 +184,31 @@ def _te_out(te) -> torch.Tensor:
         return te(ids).last_hidden_state
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_saved_file_loads_in_diffusers_with_the_trained_weights(tmp_path, family):
+def _diffusers_named(base, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with the UNet keys named by diffusers paths, as loracord wrote SDXL files before."""
+    old = {
+        kohya_name("unet", m.name, "sdxl", base.unet.config): "lora_unet_" + m.name.replace(".", "_")
+        for m in lora_modules(base)
+        if m.component == "unet"
+    }
+    renamed = {}
+    for key, value in tensors.items():
+        module, _, part = key.partition(".")
+        renamed[f"{old.get(module, module)}.{part}"] = value
+    assert len(renamed) == len(tensors) and set(renamed) != set(tensors)
+    return renamed
+
+
+@pytest.mark.parametrize(
+    "family, naming", [("sd15", "kohya"), ("sdxl", "kohya"), ("sdxl", "diffusers paths (older files)")]
+)
+def test_saved_file_loads_in_diffusers_with_the_trained_weights(tmp_path, family, naming):
     base, spec = trained(family, network_dim=4, network_alpha=2, conv_dim=2, conv_alpha=1)
     path = tmp_path / "lora.safetensors"
-    save_lora(
-        path, kohya_state_dict(base, torch.float32), training_metadata(spec, base, FACTS), epoch=1, steps=10
-    )
+    tensors = kohya_state_dict(base, torch.float32)
+    if naming != "kohya":
+        tensors = _diffusers_named(base, tensors)
+    save_lora(path, tensors, training_metadata(spec, base, FACTS), epoch=1, steps=10)
 
     plain = load_base(f"tiny:{family}")
     pipe = _pipeline(load_base(f"tiny:{family}"))
@@ -413,3 +438,169 @@ def test_lora_family():
         lora_family({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8)}, {})
         == "flux"
     )
+
+
+# ---- full-size key names, checked against the original checkpoint layout and other loaders ----
+
+
+def _meta_base(family: str, **lora):
+    """The full-size architecture on the meta device (no memory), with LoRA when settings are given."""
+    with torch.device("meta"):
+        base = load_base(f"random:{family}")
+        if lora:
+            add_lora(
+                base, TrainSpec(output_name="x", base=base.name, train_data_dir=".", output_dir=".", **lora)
+            )
+    return base
+
+
+@cache  # peft takes seconds to add ~1000 LoRA layers; the tests only read these bases
+def _meta_lora_base(family: str, conv_dim: int | None, text_encoders: bool = True):
+    return _meta_base(family, conv_dim=conv_dim, network_train_unet_only=not text_encoders)
+
+
+@cache
+def _original_unet_layout(family: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The UNet of an original (LDM) single-file checkpoint: {LDM module path: diffusers module path},
+    and its weights by LDM key, as diffusers' own single-file converter reads that layout."""
+    plain = _meta_base(family)
+    sd = plain.unet.state_dict()
+    ldm = unet_to_ldm(sd, plain.unet.config)
+    converted = convert_ldm_unet_checkpoint(ldm, dict(plain.unet.config))
+    # diffusers' converter gives every weight back under its own name: the layout is the original one.
+    assert set(converted) == set(sd) and all(converted[k] is sd[k] for k in sd)
+    ldm_key = {id(v): k.removeprefix("model.diffusion_model.") for k, v in ldm.items()}
+    modules = {ldm_key[id(v)].rpartition(".")[0]: k.rpartition(".")[0] for k, v in converted.items()}
+    return modules, {k.removeprefix("model.diffusion_model."): v for k, v in ldm.items()}
+
+
+def _kohya_sdxl_targets(ldm: dict[str, torch.Tensor], conv: bool) -> set[str]:
+    """kohya's networks.lora targets in its SDXL UNet, from the checkpoint layout: every Linear/Conv2d
+    (weights of 2+ dims) inside a Transformer2DModel; with conv_dim also inside the ResnetBlock2D,
+    Downsample2D and Upsample2D rows (input_blocks 1…, middle_block, output_blocks)."""
+    transformers = {k.split(".transformer_blocks.")[0] for k in ldm if ".transformer_blocks." in k}
+    blocks = re.compile(r"(input_blocks\.[1-9]\d*|middle_block|output_blocks\.\d+)\.")
+    return {
+        key.removesuffix(".weight")
+        for key, w in ldm.items()
+        if key.endswith(".weight")
+        and w.dim() >= 2
+        and (any(key.startswith(f"{t}.") for t in transformers) or (conv and blocks.match(key)))
+    }
+
+
+@pytest.mark.parametrize("conv_dim", [None, 4])
+def test_full_size_sdxl_keys_are_kohyas_ldm_module_names_and_map_back(conv_dim):
+    layout, ldm = _original_unet_layout("sdxl")
+    expected = _kohya_sdxl_targets(ldm, conv=conv_dim is not None)
+    if conv_dim is None:
+        # 70 BasicTransformerBlocks × 10 Linear + 11 Transformer2DModels × proj_in/proj_out.
+        assert len(expected) == 722
+    assert "output_blocks.2.2.conv" in expected or conv_dim is None  # up_blocks.0's upsampler
+
+    base = _meta_lora_base("sdxl", conv_dim, conv_dim is not None)
+    unet = [m for m in lora_modules(base) if m.component == "unet"]
+    saved = {m.key for m in lora_io.kohya_modules(base) if m.key.startswith("lora_unet_")}
+    assert saved == {"lora_unet_" + path.replace(".", "_") for path in expected}
+    # Underscored names stay unambiguous, so each key names one module of the original layout…
+    by_key = {"lora_unet_" + path.replace(".", "_"): path for path in layout}
+    assert len(by_key) == len(layout)
+    # …and it is the module that was trained, by diffusers' reading of the original layout.
+    keys = {m.name: kohya_name("unet", m.name, "sdxl", base.unet.config) for m in unet}
+    assert {m.name: layout[by_key[keys[m.name]]] for m in unet} == {m.name: m.name for m in unet}
+    assert len(set(keys.values())) == len(unet) == len(saved)
+
+    # Back: diffusers' own LoRA reader (what /gen uses) puts every weight on the module it came from.
+    tensors = {}
+    for m in unet:
+        tensors |= {f"{keys[m.name]}.lora_down.weight": m.down, f"{keys[m.name]}.lora_up.weight": m.up}
+        tensors[f"{keys[m.name]}.alpha"] = torch.tensor(m.alpha)
+    read, _ = StableDiffusionXLPipeline.lora_state_dict(tensors, unet_config=base.unet.config)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in read.items()})
+    assert len(peft) == 2 * len(unet)
+    for m in unet:
+        assert peft[f"{m.name}.lora_A.weight"] is m.down and peft[f"{m.name}.lora_B.weight"] is m.up
+
+
+_A1111_RESNET = {
+    "conv1": "in_layers_2",
+    "conv2": "out_layers_3",
+    "time_emb_proj": "emb_layers_1",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _a1111_compvis(name: str) -> str:
+    """AUTOMATIC1111's convert_diffusers_name_to_compvis (extensions-builtin/Lora/networks.py), restated
+    for the modules loracord trains. It assumes SD1.5's block layout for diffusers names."""
+    if m := re.fullmatch(r"lora_unet_(down|up)_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name):
+        side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        row = 1 + i * 3 + j if side == "down" else i * 3 + j
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        if kind == "resnets":
+            return f"diffusion_model_{blocks}_{row}_0_{_A1111_RESNET.get(rest, rest)}"
+        return f"diffusion_model_{blocks}_{row}_1_{rest}"
+    if m := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", name):
+        if m[1] == "resnets":
+            return f"diffusion_model_middle_block_{int(m[2]) * 2}_{_A1111_RESNET.get(m[3], m[3])}"
+        return f"diffusion_model_middle_block_1_{m[3]}"
+    if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", name):
+        return f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"
+    if m := re.fullmatch(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", name):
+        return f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"
+    if m := re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", name):
+        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    if m := re.fullmatch(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", name):
+        rest = (
+            m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        )
+        return f"1_model_transformer_resblocks_{m[1]}_{rest}"
+    return name
+
+
+def _a1111_module(name: str, layers: set[str]) -> str | None:
+    """The model module A1111's load_network applies LoRA module ``name`` to, or None (skipped)."""
+    key = _a1111_compvis(name)
+    if key in layers:
+        return key
+    if (m := re.fullmatch(r"(.*)_[qkv]_proj", key)) and m[1] in layers:
+        return m[1]  # q/k/v of OpenCLIP's fused attention
+    if "lora_unet" in name:
+        key = name.replace("lora_unet", "diffusion_model")  # names that are already LDM paths
+        return key if key in layers else None
+    for wrapper in ("0_transformer_text_model", "transformer_text_model"):
+        key = name.replace("lora_te1_text_model", wrapper)
+        if key in layers:
+            return key
+    return None
+
+
+def _a1111_layers(base) -> set[str]:
+    """A1111's network_layer_mapping names: the checkpoint's module paths with ``_`` for ``.``; the UNet
+    under ``diffusion_model``, SDXL's text encoders numbered by embedder, SD1.5's without a prefix."""
+    names = set()
+    for key in base_to_ldm(base):
+        module = key.rpartition(".")[0]
+        module = re.sub(r"^model\.|^conditioner\.embedders\.(\d)\.|^cond_stage_model\.", r"\1_", module)
+        names.add(module.lstrip("_").replace(".", "_"))
+    return names
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a1111_applies_every_module_to_the_layer_it_was_trained_on(family):
+    layout, _ = _original_unet_layout(family)
+    ldm_path = {diffusers: ldm for ldm, diffusers in layout.items()}
+    layers = _a1111_layers(_meta_base(family))
+    base = _meta_lora_base(family, 4, True)
+    modules = lora_modules(base)
+    keys = [kohya_name(m.component, m.name, family, base.unet.config) for m in modules]
+    assert any(m.component != "unet" for m in modules) and any("upsamplers" in m.name for m in modules)
+    for m, key in zip(modules, keys, strict=True):
+        found = _a1111_module(key, layers)
+        assert found is not None, f"A1111 skips {key}"
+        if m.component == "unet":
+            assert found == "diffusion_model_" + ldm_path[m.name].replace(".", "_"), key
+    assert len(set(keys)) == len(modules)
+    if family == "sdxl":
+        # What loracord wrote before: A1111 reads SDXL's diffusers names with SD1.5's layout.
+        assert _a1111_module("lora_unet_up_blocks_0_upsamplers_0_conv", layers) is None
