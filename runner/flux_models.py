@@ -9,7 +9,6 @@ random models get a small T5 tokenizer built here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import string
@@ -114,7 +113,7 @@ def tiny_flux(dtype: torch.dtype = torch.float32) -> Base:
     base = Base(
         "tiny:flux", "flux", transformer, vae, [clip, t5], [clip_tok, t5_tok], _scheduler_config(), 64
     )
-    return _finish(base, hash_source=b"tiny:flux")
+    return _finish(base)
 
 
 def random_flux(dtype: torch.dtype = torch.float32) -> Base:
@@ -128,7 +127,7 @@ def random_flux(dtype: torch.dtype = torch.float32) -> Base:
         _biased_layer_norms([clip])
     tokenizers = [clip_tokenizer(), t5_tokenizer()]
     base = Base("random:flux", "flux", transformer, vae, [clip, t5], tokenizers, _scheduler_config(), 1024)
-    return _finish(base, hash_source=b"random:flux")
+    return _finish(base)
 
 
 def _check_components(folder: Path, what: str) -> None:
@@ -143,7 +142,7 @@ def _check_components(folder: Path, what: str) -> None:
         )
 
 
-def _from_pipeline(pipe: Any, name: str, model_hash: str, legacy: str) -> Base:
+def _from_pipeline(pipe: Any, name: str) -> Base:
     base = Base(
         name,
         "flux",
@@ -153,10 +152,8 @@ def _from_pipeline(pipe: Any, name: str, model_hash: str, legacy: str) -> Base:
         [pipe.tokenizer, pipe.tokenizer_2],
         dict(pipe.scheduler.config),
         1024,
-        model_hash=model_hash,
-        legacy_hash=legacy,
     )
-    return _finish(base, hash_source=name.encode())
+    return _finish(base)
 
 
 def flux_from_folder(
@@ -171,8 +168,7 @@ def flux_from_folder(
         pipe = FluxPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype, **kwargs)
     except Exception as e:  # diffusers raises many error types for damaged folders
         raise ModelError(f"{path.name} could not be loaded as a Flux diffusers model ({e})") from e
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
-    return _from_pipeline(pipe, path.name, digest[:10], digest[:8])
+    return _from_pipeline(pipe, path.name)
 
 
 def flux_from_single_file(path: Path, dtype: torch.dtype = torch.float32) -> Base:
@@ -198,5 +194,5 @@ def flux_from_single_file(path: Path, dtype: torch.dtype = torch.float32) -> Bas
         raise ModelError(f"{path.name} could not be loaded as a Flux transformer ({e})") from e
     base = flux_from_folder(folder, transformer, dtype)
     base.name = path.stem
-    base.model_hash, base.legacy_hash = _file_hashes(path)
+    base.sha256, base.legacy_hash = _file_hashes(path)
     return base

@@ -52,7 +52,7 @@ class TrainingFacts:
     tag_frequency: dict[str, dict[str, int]]  # {dataset dir: {tag: count}}
     dataset_dirs: dict[str, dict[str, int]]  # {dataset dir: {"n_repeats": n, "img_count": n}}
     bucket_info: dict[str, Any] | None
-    optimizer: str  # as kohya writes it, e.g. "torch.optim.adamw.AdamW(weight_decay=0.01)"
+    optimizer: str  # as kohya writes it, e.g. "torch.optim.adamw.AdamW(weight_decay=0.01,fused=True)"
     lr_warmup_steps: int
 
 
@@ -201,7 +201,8 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         "ss_v2": False,
         "ss_base_model_version": _BASE_VERSION[base.family],
         "ss_clip_skip": spec.clip_skip,
-        "ss_max_token_length": spec.max_token_length,
+        # kohya's max_token_length is unset (None) for CLIP's 75 tokens; 150 and 225 are its only values.
+        "ss_max_token_length": None if spec.max_token_length == 75 else spec.max_token_length,
         "ss_cache_latents": spec.cache_latents,
         "ss_seed": spec.seed,
         "ss_noise_offset": spec.noise_offset,
@@ -215,8 +216,6 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         "ss_caption_tag_dropout_rate": spec.caption_tag_dropout_rate,
         "ss_min_snr_gamma": spec.min_snr_gamma,
         "ss_sd_model_name": base.name,
-        "ss_sd_model_hash": base.legacy_hash,
-        "ss_new_sd_model_hash": base.model_hash,
         # Dataset keys, as kohya writes them for a single dataset.
         "ss_batch_size_per_device": spec.train_batch_size,
         "ss_total_batch_size": spec.train_batch_size * spec.gradient_accumulation_steps,
@@ -235,6 +234,10 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_bucket_info": json.dumps(facts.bucket_info),
     }
+    # kohya hashes the base only when it is a file; a folder or a built model has no hash to give.
+    if base.sha256 is not None:
+        meta["ss_sd_model_hash"] = base.legacy_hash
+        meta["ss_new_sd_model_hash"] = base.sha256
     if base.family == "flux":
         meta.update(_flux_metadata(spec))
     network_args = _network_args(spec, base.family)

@@ -60,9 +60,16 @@ class Base:
     tokenizers: list[CLIPTokenizer | PreTrainedTokenizerBase]
     scheduler_config: dict[str, Any]
     native_resolution: int
-    model_hash: str = ""  # A1111's short hash: first 10 hex of the file's SHA-256
-    legacy_hash: str = ""  # A1111's old 8-hex hash (kohya's ss_sd_model_hash)
+    # The checkpoint file's SHA-256 (kohya's ss_new_sd_model_hash) and A1111's old 8-hex hash (kohya's
+    # ss_sd_model_hash); None when there is no single file to hash (a diffusers folder, tiny/random).
+    sha256: str | None = None
+    legacy_hash: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash": the first 10 hex digits of the checkpoint file's SHA-256."""
+        return self.sha256[:10] if self.sha256 else None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -217,10 +224,7 @@ def _tiny(family: Family) -> Base:
             ]
             tokenizers = [tok, clip_tokenizer(TINY_NUM_MERGES, pad_token="!")]
         _biased_layer_norms(encoders)
-    return _finish(
-        Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64),
-        hash_source=f"tiny:{family}".encode(),
-    )
+    return _finish(Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64))
 
 
 def _biased_layer_norms(encoders: list) -> None:
@@ -249,15 +253,11 @@ def _random(family: Family) -> Base:
         _biased_layer_norms(encoders)
     res = 512 if family == "sd15" else 1024
     return _finish(
-        Base(f"random:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), res),
-        hash_source=f"random:{family}".encode(),
+        Base(f"random:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), res)
     )
 
 
-def _finish(base: Base, hash_source: bytes) -> Base:
-    digest = hashlib.sha256(hash_source).hexdigest()
-    base.model_hash = base.model_hash or digest[:10]
-    base.legacy_hash = base.legacy_hash or digest[:8]
+def _finish(base: Base) -> Base:
     for m in (base.unet, base.vae, *base.text_encoders):
         m.eval()
         m.requires_grad_(False)
@@ -323,14 +323,15 @@ def detect_family(path: Path) -> Family:
 
 
 def _file_hashes(path: Path) -> tuple[str, str]:
-    """A1111's model hash (SHA-256, first 10) and legacy hash (SHA-256 of 64 KiB at 1 MiB, first 8)."""
+    """The file's SHA-256 and A1111's legacy hash (SHA-256 of the 64 KiB at 1 MiB, first 8 hex), as
+    kohya's train_util.calculate_sha256 and model_hash compute them."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
         f.seek(0x100000)
         legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-    return sha.hexdigest()[:10], legacy
+    return sha.hexdigest(), legacy
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -411,11 +412,12 @@ def _from_folder(path: Path) -> Base:
         )
     except Exception as e:  # as in _from_single_file
         raise ModelError(f"{path.name} could not be loaded as an {family} diffusers model ({e})") from e
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()
-    return _from_pipeline(pipe, path.name, family, digest[:10], digest[:8])
+    return _from_pipeline(pipe, path.name, family)
 
 
-def _from_pipeline(pipe: Any, name: str, family: Family, model_hash: str, legacy: str) -> Base:
+def _from_pipeline(
+    pipe: Any, name: str, family: Family, sha256: str | None = None, legacy: str | None = None
+) -> Base:
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     res = 512 if family == "sd15" else 1024
@@ -428,10 +430,10 @@ def _from_pipeline(pipe: Any, name: str, family: Family, model_hash: str, legacy
         tokenizers,
         dict(pipe.scheduler.config),
         res,
-        model_hash=model_hash,
+        sha256=sha256,
         legacy_hash=legacy,
     )
-    return _finish(base, hash_source=name.encode())
+    return _finish(base)
 
 
 def load_base(name: str, config_root: Path = CONFIGS, *, flux_dtype: torch.dtype = torch.float32) -> Base:

@@ -228,7 +228,13 @@ class TrainSpec(_Spec):
     )
     lr_scheduler_num_cycles: int = Field(1, ge=1, le=100)
     lr_scheduler_power: float = Field(1.0, gt=0.0, le=10.0)
-    optimizer_type: OptimizerType = "AdamW"
+    optimizer_type: OptimizerType = Field(
+        "AdamW",
+        description="kohya's optimizer names, each the class kohya uses (DAdaptation is dadaptation's "
+        "DAdaptAdamPreprint). Adafactor trains at the set learning rates (relative_step, scale_parameter "
+        "and warmup_init off); optimizer_args relative_step=True or warmup_init=True switch to Adafactor's "
+        "own step size and ignore the learning rates, as kohya's default Adafactor does",
+    )
     optimizer_args: dict[str, float | int | bool | str | list[float]] = Field(default_factory=dict)
     max_grad_norm: float = Field(1.0, ge=0.0, le=1000.0)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)

@@ -33,7 +33,7 @@ from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metada
 from .models import Base, ModelError, load_base
 from .network import add_lora, load_lora_state, lora_state, param_groups
 from .objectives import Batch, make_objective
-from .optimizers import describe_optimizer, make_optimizer
+from .optimizers import make_optimizer
 from .outcome import Cancelled, JobFailed, run_to_event
 from .presets import preset_settings
 from .spec import (
@@ -157,7 +157,7 @@ class Trainer:
         self.groups = param_groups(self.base, spec)
         if not self.groups:
             raise SpecError("nothing to train: unet_lr and text_encoder_lr (or block weights) are all 0")
-        self.optimizer = make_optimizer(spec, self.groups, self.device)
+        self.optimizer, optimizer_name = make_optimizer(spec, self.groups, self.device)
         self.scaler = torch.amp.GradScaler(
             enabled=spec.mixed_precision == "fp16" and self.device.type == "cuda"
         )
@@ -191,7 +191,7 @@ class Trainer:
             tag_frequency=self.dataset.tag_frequency(),
             dataset_dirs=self.dataset.dataset_dirs(),
             bucket_info=self.dataset.bucket_info(),
-            optimizer=describe_optimizer(self.optimizer, spec),
+            optimizer=optimizer_name,
             lr_warmup_steps=spec.warmup_steps(self.total_steps),
         )
         self.metadata = training_metadata(spec, self.base, self.facts)

@@ -12,7 +12,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 
 from runner import lora_io
-from runner.ldm_keys import base_to_ldm, unet_to_ldm
+from runner.ldm_keys import base_to_ldm, save_pipeline, unet_to_ldm
 from runner.lora_io import (
     LoraFileError,
     TrainingFacts,
@@ -273,8 +273,6 @@ def test_training_metadata_keys_and_values():
         "ss_caption_dropout_rate",
         "ss_min_snr_gamma",
         "ss_sd_model_name",
-        "ss_sd_model_hash",
-        "ss_new_sd_model_hash",
         "ss_resolution",
         "ss_batch_size_per_device",
         "ss_total_batch_size",
@@ -297,7 +295,9 @@ def test_training_metadata_keys_and_values():
     assert meta["ss_noise_offset"] == "None" and meta["ss_clip_skip"] == "2"
     assert meta["ss_cache_latents"] == "True" and meta["ss_flip_aug"] == "False"
     assert meta["ss_sd_model_name"] == "tiny:sdxl"
-    assert (meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"]) == (base.legacy_hash, base.model_hash)
+    # A built model has no file: kohya's file hashes are left out, not made up.
+    assert "ss_sd_model_hash" not in meta and "ss_new_sd_model_hash" not in meta
+    assert meta["ss_max_token_length"] == "None"  # kohya's unset value: CLIP's 75 tokens
     assert meta["ss_optimizer"] == FACTS.optimizer and meta["ss_lr_warmup_steps"] == "4"
     assert meta["ss_resolution"] == "(512, 512)"
     assert json.loads(meta["ss_tag_frequency"]) == FACTS.tag_frequency
@@ -314,6 +314,29 @@ def test_training_metadata_keys_and_values():
     assert json.loads(meta15["ss_network_args"]) == {"up_lr_weight": ",".join(["1.0"] * 11 + ["0.5"])}
     plain = training_metadata(make_spec(), sd15, FACTS)
     assert "ss_network_args" not in plain and "modelspec.trigger_phrase" not in plain
+
+
+def test_long_captions_are_recorded_as_kohyas_max_token_length():
+    base, spec = trained("sd15", max_token_length=150)
+    assert training_metadata(spec, base, FACTS)["ss_max_token_length"] == "150"
+
+
+def test_single_file_base_hashes_are_kohyas(tmp_path):
+    tiny = load_base("tiny:sd15")
+    save_pipeline(tiny, tmp_path / "configs" / "sd15")
+    for weights in (tmp_path / "configs").rglob("*.safetensors"):
+        weights.unlink()
+    path = tmp_path / "my_model.safetensors"
+    safetensors.torch.save_file(base_to_ldm(tiny), str(path))
+    data = path.read_bytes()
+    assert len(data) > 0x110000
+    base = load_base(str(path), config_root=tmp_path / "configs")
+    meta = training_metadata(make_spec(), base, FACTS)
+    # kohya's train_util.calculate_sha256 (the whole file) and model_hash (64 KiB at 1 MiB, 8 hex).
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    # A1111's "Model hash" is the first 10 hex digits of the same SHA-256.
+    assert base.model_hash == hashlib.sha256(data).hexdigest()[:10]
 
 
 def _kohya_hashes(file_bytes: bytes, tensors) -> tuple[str, str]:
