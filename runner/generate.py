@@ -304,7 +304,7 @@ class Sampler:
         return self.pipe.image_processor.postprocess(image.float(), output_type="pil")[0]
 
     def parameters_text(
-        self, sp: SamplePrompt, model_name: str, model_hash: str, extra: dict[str, str] | None = None
+        self, sp: SamplePrompt, model_name: str, model_hash: str | None, extra: dict[str, str] | None = None
     ) -> str:
         """A1111's ``parameters`` text for an image rendered from ``sp`` (which must have its seed)."""
         if sp.seed is None:
