@@ -101,7 +101,7 @@ async def soak(minutes: float, drain_minutes: float, members: int, seed: int) ->
             path.write_text(
                 '[store]\npath = "db/loracord.db"\n[data]\ndir = "data"\n'
                 '[workers]\ndevices = ["cpu", "cpu"]\n[bases]\ntiny = "tiny:sd15"\n'
-                "[quota]\nqueued_jobs = 1000\ndaily_gpu_seconds = 1e9\nconcurrent_jobs = 2\n"
+                '[quota]\nqueued_jobs = 1000\ndaily_gpu_seconds = "unlimited"\nconcurrent_jobs = 2\n'
                 "[scheduling]\npoll_seconds = 0.05\nmax_attempts = 6\n[web]\nport = 0\n"
                 f'[discord]\napi_base = "{stub.api_base}"\ngateway = "{stub.gateway_url}"\n'
                 f"guilds = [{stub.guild_id}]\nprogress_seconds = 0.5\nretry_max_seconds = 2\n",
@@ -122,7 +122,7 @@ async def soak(minutes: float, drain_minutes: float, members: int, seed: int) ->
             async def submit(n: int) -> None:
                 u = rng.choice(users)
                 member = str(u.id)
-                kind = rng.choices(["gen", "train", "tag"], [5, 3, 2])[0]
+                kind = rng.choices(["gen", "train", "tag"], [6, 2, 2])[0]
                 if kind == "gen" and discord_up:
                     token = f"soak{n}x"
                     ix = await stub.command(u, "gen", {"prompt": f"{token} a cat", "steps": 2, "seed": n})
@@ -215,7 +215,7 @@ async def soak(minutes: float, drain_minutes: float, members: int, seed: int) ->
                         await outage(min(20.0, 6 * minutes))
                     else:
                         await burst(min(15.0, 4 * minutes))
-                if elapsed < 0.85 and queue_depth(db) < 6:
+                if elapsed < 0.85 and queue_depth(db) < 10:
                     n += 1
                     try:
                         await submit(n)
