@@ -1,7 +1,7 @@
 """Base checkpoints, named by one string, loaded without ever touching the network.
 
 - ``tiny:sd15`` / ``tiny:sdxl`` / ``tiny:flux``: tiny random models built from configs, deterministic, for tests
-  and ``loracord selftest``.
+  and ``loracord selftest``; ``tiny:sd15-v`` is ``tiny:sd15`` with a v-prediction schedule.
 - ``random:sd15`` / ``random:sdxl`` / ``random:flux``: the full-size architectures with random weights (configs in
   ``runner/configs``), for GPU benchmarks.
 - a single-file checkpoint (``.safetensors`` as A1111/Civitai ship them) or a diffusers folder.
@@ -205,7 +205,7 @@ def _tiny_text_config(vocab_size: int, act: str, hidden_size: int = 32) -> CLIPT
     )
 
 
-def _tiny(family: Family) -> Base:
+def _tiny(family: Family, prediction_type: str = "epsilon") -> Base:
     with torch.random.fork_rng(devices=[]):  # a load must not reset the caller's seed
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**TINY_UNET[family])
@@ -224,7 +224,9 @@ def _tiny(family: Family) -> Base:
             ]
             tokenizers = [tok, clip_tokenizer(TINY_NUM_MERGES, pad_token="!")]
         _biased_layer_norms(encoders)
-    return _finish(Base(f"tiny:{family}", family, unet, vae, encoders, tokenizers, _scheduler_config(), 64))
+    name = f"tiny:{family}" + ("-v" if prediction_type == "v_prediction" else "")
+    schedule = {**_scheduler_config(), "prediction_type": prediction_type}
+    return _finish(Base(name, family, unet, vae, encoders, tokenizers, schedule, 64))
 
 
 def _biased_layer_norms(encoders: list) -> None:
@@ -445,6 +447,8 @@ def load_base(name: str, config_root: Path = CONFIGS, *, flux_dtype: torch.dtype
     48 GB of host memory in fp32.
     """
     kind, _, arg = name.partition(":")
+    if name == "tiny:sd15-v":
+        return _tiny("sd15", prediction_type="v_prediction")
     if kind in ("tiny", "random") and arg:
         if arg not in ("sd15", "sdxl", "flux"):
             raise ModelError(
@@ -475,6 +479,6 @@ def load_base(name: str, config_root: Path = CONFIGS, *, flux_dtype: torch.dtype
             return flux_from_single_file(path, flux_dtype)
         return _from_single_file(path, config_root)
     raise ModelError(
-        f"unknown base model '{name}': give tiny:sd15, tiny:sdxl, random:sd15, random:sdxl, tiny:flux, "
+        f"unknown base model '{name}': give tiny:sd15, tiny:sd15-v, tiny:sdxl, random:sd15, random:sdxl, tiny:flux, "
         "random:flux, a .safetensors checkpoint or a diffusers folder"
     )

@@ -204,20 +204,41 @@ def add_lora(base: Base, spec: TrainSpec) -> None:
     """Add a LoRA adapter to the UNet and/or the text encoders, as the spec asks.
 
     Components the spec does not train, and UNet blocks weighted 0, get no LoRA at all (as in kohya).
-    Flux trains its transformer and CLIP-L; T5-XXL stays frozen (kohya's default).
+    Flux trains its transformer and CLIP-L; T5-XXL stays frozen (kohya's default). The LoRA weights
+    are fp32 whatever the base's dtype, and seeded by torch's global RNG (see ``_init_fp32``).
     """
     flux = base.family == "flux"
-    if spec.train_unet:
-        if flux:
-            targets = _flux_targets(base.unet, spec)
-        else:
-            targets = _unet_targets(base.unet, spec, block_lr_weights(spec, base.family))
-        if targets:
-            base.unet.add_adapter(_lora_config(targets, spec), adapter_name=ADAPTER)
-    if spec.train_text_encoder:
-        for te in base.text_encoders[:1] if flux else base.text_encoders:
-            # transformers' own add_adapter refuses peft < 0.22 (none released yet); this is the call it makes.
-            inject_adapter_in_model(_lora_config(_te_targets(te, spec), spec), te, adapter_name=ADAPTER)
+    # peft's own draws are replaced by _init_fp32's; forking keeps them from shifting the seed.
+    with torch.random.fork_rng(devices=[]):
+        if spec.train_unet:
+            if flux:
+                targets = _flux_targets(base.unet, spec)
+            else:
+                targets = _unet_targets(base.unet, spec, block_lr_weights(spec, base.family))
+            if targets:
+                base.unet.add_adapter(_lora_config(targets, spec), adapter_name=ADAPTER)
+        if spec.train_text_encoder:
+            for te in base.text_encoders[:1] if flux else base.text_encoders:
+                # transformers' own add_adapter refuses peft < 0.22 (none released yet); this is the call it makes.
+                inject_adapter_in_model(_lora_config(_te_targets(te, spec), spec), te, adapter_name=ADAPTER)
+    _init_fp32(base)
+
+
+def _init_fp32(base: Base) -> None:
+    """kohya's init (kaiming-uniform down, zero up), drawn in fp32 on the host, LoRA weights kept fp32.
+
+    peft draws the same init but then casts the new layers to their base layer's dtype, so a bf16 or
+    fp8 base would quantise it before training starts. Drawing on the host gives the same numbers on
+    every device: one draw per LoRA module from torch's global RNG, in ``lora_modules`` order.
+    """
+    for m in lora_modules(base):
+        down = torch.empty(m.down.shape, dtype=torch.float32)
+        torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        m.layer.lora_A[ADAPTER].to(torch.float32)
+        m.layer.lora_B[ADAPTER].to(torch.float32)
+        with torch.no_grad():
+            m.down.copy_(down)
+            m.up.zero_()
 
 
 def lora_modules(base: Base) -> list[LoraModule]:

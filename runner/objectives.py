@@ -50,23 +50,23 @@ def make_objective(
 
 
 def pyramid_noise(
-    shape: torch.Size,
-    iterations: int,
-    discount: float,
-    gen: torch.Generator,
-    device: torch.device,
-    scales: random.Random,
+    noise: torch.Tensor, iterations: int, discount: float, gen: torch.Generator, scales: random.Random
 ) -> torch.Tensor:
-    # kohya's multires ("pyramid") noise; neither diffusers nor peft ships it. The scale factors
-    # come from a host-side RNG, as in kohya, so drawing them never waits for the GPU.
-    b, c, h, w = shape
-    noise = torch.randn(shape, generator=gen, device=device)
-    for i in range(1, iterations + 1):
-        r = scales.random() * 2 + 2  # scale factor in [2, 4)
-        wi, hi = max(1, int(w / r**i)), max(1, int(h / r**i))
-        low = torch.randn(b, c, hi, wi, generator=gen, device=device)
-        noise += F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
-        if wi == 1 or hi == 1:
+    """kohya's ``pyramid_noise_like`` (multires noise): ``noise`` plus up to ``iterations`` octaves.
+
+    Octave ``i`` (from 0) is fresh noise drawn at ``1 / r**i`` of the latent size, ``r`` uniform in
+    [2, 4) and drawn anew per octave (so octave 0 is full-size noise), upsampled bilinearly and
+    weighted ``discount**i``; the octaves stop once one is 1 pixel wide or high, and the sum is
+    rescaled to unit standard deviation. Neither diffusers nor peft ships it. The scale factors
+    come from a host-side RNG, as in kohya, so drawing them never waits for the GPU.
+    """
+    b, c, h, w = noise.shape
+    for i in range(iterations):
+        r = scales.random() * 2 + 2
+        hi, wi = max(1, int(h / r**i)), max(1, int(w / r**i))
+        low = torch.randn(b, c, hi, wi, generator=gen, device=noise.device)
+        noise = noise + F.interpolate(low, size=(h, w), mode="bilinear") * discount**i
+        if hi == 1 or wi == 1:
             break
     return noise / noise.std()
 
@@ -111,24 +111,25 @@ class NoisePrediction:
         return self._scales_rng
 
     def _noise(self, latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # kohya's order (train_util.get_noise_noisy_latents_and_timesteps): base noise, then the
+        # noise offset, then the pyramid on top of the offset noise.
         spec = self.spec
-        if spec.multires_noise_iterations:
-            noise = pyramid_noise(
-                latents.shape,
-                spec.multires_noise_iterations,
-                spec.multires_noise_discount,
-                gen,
-                self.device,
-                self._scales(gen),
-            )
-        else:
-            noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        noise = torch.randn(latents.shape, generator=gen, device=self.device)
         if spec.noise_offset:
             b, c = latents.shape[:2]
             noise = noise + spec.noise_offset * torch.randn((b, c, 1, 1), generator=gen, device=self.device)
+        if spec.multires_noise_iterations:
+            noise = pyramid_noise(
+                noise,
+                spec.multires_noise_iterations,
+                spec.multires_noise_discount,
+                gen,
+                self._scales(gen),
+            )
         return noise
 
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        """Draws from ``gen`` in kohya's order: noise, noise offset, pyramid octaves, timesteps."""
         sched = self.noise_scheduler
         latents = batch.latents
         noise = self._noise(latents, gen)
@@ -145,7 +146,8 @@ class NoisePrediction:
             pred = self.base.unet(noisy, t, batch.cond.hidden_states, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.spec.min_snr_gamma:
-            # Min-SNR weighting as in diffusers' example (Hang et al. 2023).
+            # kohya's apply_snr_weight (Hang et al. 2023): min(snr, gamma) / snr for epsilon,
+            # min(snr, gamma) / (snr + 1) for v-prediction; diffusers' compute_snr is kohya's all_snr.
             snr = compute_snr(sched, t)
             weight = torch.clamp(snr, max=self.spec.min_snr_gamma)
             weight = weight / (snr + 1) if prediction_type == "v_prediction" else weight / snr

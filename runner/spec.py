@@ -203,8 +203,15 @@ class TrainSpec(_Spec):
     caption_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
     caption_dropout_every_n_epochs: int = Field(0, ge=0, le=1000)
     caption_tag_dropout_rate: float = Field(0.0, ge=0.0, le=1.0)
-    max_token_length: Literal[75, 150, 225] = 75
-    weighted_captions: bool = False
+    max_token_length: Literal[75, 150, 225] = Field(
+        75,
+        description="caption tokens kept; 150/225 encode 2/3 chunks of 75 and join them as kohya does "
+        "(75n + 2 tokens: one BOS, each chunk's 75, one end token)",
+    )
+    weighted_captions: bool = Field(
+        False,
+        description="(tag:1.2) syntax: each token's output times its weight, the caption's mean restored",
+    )
     flip_aug: bool = False
 
     # Network.
@@ -240,18 +247,38 @@ class TrainSpec(_Spec):
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
 
     # Noise and loss.
-    min_snr_gamma: float | None = Field(None, gt=0.0, le=100.0)
-    noise_offset: float | None = Field(None, ge=0.0, le=1.0)
-    multires_noise_iterations: int | None = Field(None, ge=1, le=20)
-    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0)
+    min_snr_gamma: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="loss × min(SNR, gamma) / SNR (v-prediction: / (SNR + 1)), as kohya's apply_snr_weight",
+    )
+    noise_offset: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="adds noise_offset × one normal draw per image and latent channel to the noise",
+    )
+    multires_noise_iterations: int | None = Field(
+        None,
+        ge=1,
+        le=20,
+        description="kohya's pyramid noise: this many octaves (the first full-size) added after the offset",
+    )
+    multires_noise_discount: float = Field(0.3, gt=0.0, le=1.0, description="octave i weighs discount^i")
     clip_skip: int | None = Field(None, ge=1, le=12)
     seed: int = Field(42, ge=0, le=2**32 - 1)
 
     # Precision and speed.
     mixed_precision: Precision = "no"
     save_precision: SavePrecision = "fp16"
-    gradient_checkpointing: bool = False
-    cache_latents: bool = True
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (UNet and trained text encoders)"
+    )
+    cache_latents: bool = Field(
+        True,
+        description="one sample of each image's latents for the whole run; false: a fresh sample every step",
+    )
     cache_text_encoder_outputs: bool = Field(
         True,
         description="encode each caption once, not every step; settings that change captions between "

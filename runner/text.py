@@ -1,12 +1,15 @@
-"""Prompts and captions → UNet conditioning, the way A1111 and kohya sd-scripts build it.
+"""Prompts and captions → UNet conditioning, laid out as kohya sd-scripts trains and A1111 generates.
 
-A prompt of any length is split into chunks of 75 tokens; each chunk is encoded on its own as
-``BOS + tokens + EOS + padding`` (77 tokens) and the chunks are concatenated along the sequence,
-so the UNet sees ``77 × chunks`` tokens. Inside a chunk the EOS follows the last real token and the
-padding (the tokenizer's own pad token: ``<|endoftext|>`` for SD1.5, ``!`` for SDXL's second
+A prompt is split into chunks of 75 tokens; each chunk is encoded on its own as
+``BOS + tokens + EOS + padding`` (77 tokens). Inside a chunk the EOS follows the last real token and
+the padding (the tokenizer's own pad token: ``<|endoftext|>`` for SD1.5, ``!`` for SDXL's second
 tokenizer) fills the rest, as both A1111 and kohya lay it out; this also puts SDXL's pooled output
 on the right token. Chunks are split every 75 tokens (kohya's way; A1111 additionally backtracks
 to the last comma, which training does not do).
+
+The encoded chunks are then joined in one of two ways (see :func:`encode_prompts`): training keeps
+kohya's ``75 × chunks + 2`` tokens (one BOS, each chunk's 75 inner positions, one end token),
+generation keeps A1111's ``77 × chunks`` (every chunk's BOS and EOS).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ _UP = 1.1
 
 @dataclass
 class Conditioning:
-    hidden_states: torch.Tensor  # [B, 77 × chunks, D]; SDXL: TE1 and TE2 concatenated on D
+    hidden_states: torch.Tensor  # [B, 75 × chunks + 2 or 77 × chunks, D]; SDXL: TE1 and TE2 concatenated on D
     pooled: torch.Tensor | None  # SDXL: TE2's projected pooled output of the first chunk; None for SD1.5
 
 
@@ -132,14 +135,20 @@ def _hidden(
 
 
 def _rescale(states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Multiply by per-token weights, then restore each chunk's mean (A1111 and kohya)."""
+    """Multiply each token by its weight, then restore the mean over the last two dimensions."""
     before = states.float().mean(dim=(-2, -1), keepdim=True)
-    weighted = states * weights.unsqueeze(-1)
+    weighted = states * weights
     after = weighted.float().mean(dim=(-2, -1), keepdim=True)
     # A checkpoint whose outputs average to ~0 would blow up the ratio; weighting alone is then
     # the best that can be done.
     ratio = torch.where(after.abs() > 1e-6, before / after, torch.ones_like(after))
     return weighted * ratio.to(states.dtype)
+
+
+def _kohya_join(chunks: torch.Tensor) -> torch.Tensor:
+    """[B, n, 77, ...] → [B, 75n + 2, ...]: the first chunk's BOS, each chunk's 75 inner positions and
+    the last chunk's final position, as kohya's SD and SDXL text-encoding strategies join chunks."""
+    return torch.cat([chunks[:, 0, :1], chunks[:, :, 1:-1].flatten(1, 2), chunks[:, -1, -1:]], dim=1)
 
 
 def encode_prompts(
@@ -153,10 +162,15 @@ def encode_prompts(
 ) -> Conditioning:
     """Encode ``prompts`` with the base's text encoders into UNet conditioning.
 
-    ``max_token_length`` 75/150/225 fixes the chunk count (1/2/3) and truncates the rest;
-    ``None`` uses as many chunks as the longest prompt needs, at least ``min_chunks``.
+    ``max_token_length`` 75/150/225 is kohya's training layout: n = 1/2/3 chunks, tokens past 75n
+    dropped, and the chunks joined into ``75n + 2`` tokens (the first BOS, each chunk's 75 inner
+    positions, the last chunk's final position); with ``weighted`` each token is multiplied by its
+    weight and the whole prompt's mean restored (kohya's ``get_weighted_text_embeddings``).
+    ``None`` is A1111's generation layout: as many chunks as the longest prompt needs (at least
+    ``min_chunks``), all ``77 × chunks`` tokens kept, and weighting restores each chunk's mean.
     ``clip_skip`` N > 1 takes the N-th last layer (through the final layer norm for SD1.5);
     SDXL always uses the penultimate layer without the norm unless N > 2 asks for an earlier one.
+    SDXL's pooled output is the second encoder's projected EOS token of the first chunk.
     Gradients flow, so the trainer can train the text encoders through this.
     """
     if max_token_length is not None and max_token_length % CHUNK:
@@ -171,6 +185,7 @@ def encode_prompts(
     sdxl = base.family == "sdxl"
     skip = clip_skip or 1
     layer = -max(skip, 2) if sdxl else -skip
+    batch = len(prompts)
     states_all, pooled = [], None
     for encoder, tokenizer, encoded in zip(base.text_encoders, base.tokenizers, per_encoder, strict=True):
         ids, weights = [], []
@@ -180,11 +195,13 @@ def encode_prompts(
             weights += chunk_w
         ids_t = torch.tensor(ids, device=encoder.device)
         states, embeds = _hidden(encoder, ids_t, layer, final_norm=not sdxl)
+        states = states.reshape(batch, chunks, CHUNK + 2, states.shape[-1])
+        w = torch.tensor(weights, device=states.device, dtype=states.dtype).view(batch, chunks, -1, 1)
+        if max_token_length is not None:
+            states, w = _kohya_join(states), _kohya_join(w)
         if weighted:
-            w = torch.tensor(weights, device=states.device, dtype=states.dtype)
             states = _rescale(states, w)
-        batch = len(prompts)
-        states_all.append(states.reshape(batch, chunks * states.shape[1], states.shape[-1]))
+        states_all.append(states.reshape(batch, -1, states.shape[-1]))
         if embeds is not None:
             pooled = embeds.reshape(batch, chunks, -1)[:, 0]
     hidden = torch.cat(states_all, dim=-1)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 
 from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batches, load_dataset, load_image
@@ -141,19 +141,15 @@ class Trainer:
         except ValueError as e:
             raise SpecError(f"sample_prompts: {e}") from None
         torch.manual_seed(spec.seed)
-        add_lora(self.base, spec)
-        trained = [
-            m
-            for m in (self.base.unet, *self.base.text_encoders)
-            if any(p.requires_grad for p in m.parameters())
-        ]
-        cast_training_params(trained, dtype=torch.float32)
+        add_lora(self.base, spec)  # fp32 LoRA weights on the frozen base, whatever its dtype
         if spec.gradient_checkpointing:
             if spec.train_unet:
                 self.base.unet.enable_gradient_checkpointing()
             if spec.train_text_encoder:
                 for te in self.base.text_encoders:
-                    te.gradient_checkpointing_enable()
+                    # Non-reentrant: transformers before 5 defaults to reentrant checkpointing, which
+                    # passes no gradient to LoRA layers whose inputs (frozen embeddings) need none.
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.groups = param_groups(self.base, spec)
         if not self.groups:
             raise SpecError("nothing to train: unet_lr and text_encoder_lr (or block weights) are all 0")
@@ -226,11 +222,11 @@ class Trainer:
                             total=len(todo),
                         )
                     )
-                self.latent_cache[(str(item.path), flip)] = self._encode_images([item], [flip])[0]
+                self.latent_cache[(str(item.path), flip)] = self._cached_latent(item, flip)
 
     # ---- per-step pieces ----
 
-    def _encode_images(self, items: list[ImageItem], flips: list[bool]) -> torch.Tensor:
+    def _latent_dist(self, items: list[ImageItem], flips: list[bool]) -> DiagonalGaussianDistribution:
         vae = self.base.vae
         pixels = []
         for item, flip in zip(items, flips, strict=True):
@@ -238,30 +234,27 @@ class Trainer:
             pixels.append(px.flip(-1) if flip else px)
         x = torch.stack(pixels).to(self.device, vae.dtype)
         with torch.no_grad():
-            dist = vae.encode(x).latent_dist
-        # kohya keeps one sample of each image's latent distribution. Each image draws from its own
-        # seed (from its place in the dataset), so the sample does not depend on caching, batch
-        # position or where the dataset folder lives, and no two images share one noise pattern.
-        noise = torch.stack(
-            [
-                torch.randn(
-                    dist.mean.shape[1:],
-                    generator=torch.Generator().manual_seed(
-                        self.spec.seed
-                        ^ zlib.crc32(
-                            item.path.relative_to(Path(self.spec.train_data_dir).expanduser())
-                            .as_posix()
-                            .encode()
-                        )
-                    ),
-                )
-                for item in items
-            ]
-        ).to(dist.mean.device, dist.mean.dtype)
-        latents = (dist.mean + dist.std * noise).float()
+            return vae.encode(x).latent_dist
+
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.base.vae
+        latents = latents.float()
         if vae.config.get("shift_factor") is not None:  # Flux's VAE centres its latents too
             latents = latents - vae.config.shift_factor
         return latents * vae.config.scaling_factor
+
+    def _cached_latent(self, item: ImageItem, flip: bool) -> torch.Tensor:
+        """kohya's cached path: one sample of the image's latent distribution, kept for the whole run.
+
+        Each image draws from its own seed (from its place in the dataset), so the sample does not
+        depend on batch position or where the dataset folder lives, and no two images share one
+        noise pattern.
+        """
+        dist = self._latent_dist([item], [flip])
+        relative = item.path.relative_to(Path(self.spec.train_data_dir).expanduser()).as_posix()
+        seeded = torch.Generator().manual_seed(self.spec.seed ^ zlib.crc32(relative.encode()))
+        noise = torch.randn(dist.mean.shape[1:], generator=seeded).to(dist.mean.device, dist.mean.dtype)
+        return self._scaled(dist.mean[0] + dist.std[0] * noise)
 
     def _time_ids(self, items: list[ImageItem]) -> torch.Tensor:
         # SDXL's micro-conditioning: original size, crop offset, target size. They follow from
@@ -282,7 +275,8 @@ class Trainer:
         if self.spec.cache_latents:
             latents = torch.stack([self.latent_cache[(str(i.path), f)] for i, f in pairs])
         else:
-            latents = self._encode_images(items, flips)
+            # kohya's uncached path: a fresh sample of the latent distribution every step.
+            latents = self._scaled(self._latent_dist(items, flips).sample(generator=self.gen))
         captions = [self.rules.apply(i.caption, epoch, rng) for i in items]
         if self.text.cached:
             parts = [self.cond_cache[c] for c in captions]
@@ -428,7 +422,9 @@ class Trainer:
         t0, step0 = time.monotonic(), step
         for epoch in range(start_epoch + 1, self.num_epochs + 1):
             # Reseeding per epoch makes an epoch's noise, order and captions independent of how
-            # the run got there, so a resumed run is the same run.
+            # the run got there, so a resumed run is the same run. Each batch then draws from
+            # self.gen in this order: the latent sample (only with cache_latents=false), then what
+            # the objective's loss draws (for SD: noise, noise offset, pyramid octaves, timesteps).
             self.gen.manual_seed(spec.seed * 100_003 + epoch)
             rng = random.Random(spec.seed * 100_003 + epoch)
             batches = epoch_batches(self.dataset, spec.train_batch_size, epoch, spec.seed, spec.flip_aug)

@@ -251,3 +251,33 @@ def test_resume_state_round_trip():
     add_lora(unet_only, make_spec("sdxl", conv_dim=2, network_train_unet_only=True))
     with pytest.raises(ValueError, match="unexpected"):
         load_lora_state(unet_only, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_lora_init_is_fp32_on_a_low_precision_base(dtype):
+    # kohya initialises LoRA in fp32; a bf16 or fp8 base must not quantise the initial weights.
+    spec = make_spec("sdxl", conv_dim=2)
+    torch.manual_seed(3)
+    full = load_base("tiny:sdxl")
+    add_lora(full, spec)
+    low = load_base("tiny:sdxl").to("cpu", dtype)
+    torch.manual_seed(3)
+    add_lora(low, spec)
+    assert low.unet.conv_in.weight.dtype == dtype  # the frozen base keeps its dtype
+    want, got = by_name(full), by_name(low)
+    assert want.keys() == got.keys()
+    for key, m in got.items():
+        assert m.down.dtype == m.up.dtype == torch.float32, key
+        assert m.layer.get_base_layer().weight.dtype == dtype, key
+        assert torch.equal(m.down, want[key].down) and torch.equal(m.up, want[key].up), key
+
+
+def test_lora_init_draws_kaiming_uniform_per_module_in_order_from_the_seed():
+    # The convention the reference loop in test_parity.py relies on.
+    torch.manual_seed(5)
+    base, _ = lora_base("sdxl")
+    torch.manual_seed(5)
+    for m in lora_modules(base):
+        want = torch.nn.init.kaiming_uniform_(torch.empty(m.down.shape), a=math.sqrt(5))
+        assert torch.equal(m.down, want), m.name
+        assert torch.count_nonzero(m.up) == 0

@@ -69,7 +69,7 @@ def test_parse_weighted_malformed_weight_is_text():
 @pytest.mark.parametrize(("max_len", "chunks"), [(75, 1), (150, 2), (225, 3)])
 def test_fixed_chunk_count(sd15, max_len, chunks):
     cond = encode_prompts(sd15, ["a cat", _long_prompt(200)], max_token_length=max_len)
-    assert cond.hidden_states.shape == (2, 77 * chunks, 32)
+    assert cond.hidden_states.shape == (2, 75 * chunks + 2, 32)
     assert cond.pooled is None
 
 
@@ -88,11 +88,108 @@ def test_truncation_drops_tokens_past_the_limit(sd15):
     torch.testing.assert_close(a, b)
 
 
-def test_chunks_are_encoded_separately(sd15):
-    # The second chunk of a long prompt equals the tail encoded alone as its own first chunk.
-    cond = encode_prompts(sd15, [_long_prompt(75) + " the red"], max_token_length=150).hidden_states
-    tail = encode_prompts(sd15, ["the red"], max_token_length=75).hidden_states
+def test_generation_chunks_are_encoded_separately(sd15):
+    # A1111's layout: the second chunk of a long prompt equals the tail encoded alone as its own first chunk.
+    cond = encode_prompts(sd15, [_long_prompt(75) + " the red"], max_token_length=None).hidden_states
+    tail = encode_prompts(sd15, ["the red"], max_token_length=None).hidden_states
+    assert cond.shape[1] == 154
     torch.testing.assert_close(cond[:, 77:], tail)
+
+
+# ---- kohya's training layout, written out from its TokenizeStrategy._get_input_ids and
+# SdTextEncodingStrategy.encode_tokens / SdxlTextEncodingStrategy._get_hidden_states_sdxl ----
+
+
+def kohya_input_ids(tokenizer, text: str, max_length: int) -> torch.Tensor:
+    """[n, 77] chunk ids for one caption (max_length = 75n + 2)."""
+    ids = tokenizer(
+        text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).input_ids[0]
+    if max_length == 77:
+        return ids[None]
+    chunks = []
+    for i in range(1, max_length - 77 + 2, 75):
+        chunk = torch.cat((ids[0].unsqueeze(0), ids[i : i + 75], ids[-1].unsqueeze(0)))
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:  # v2 / SDXL's second tokenizer
+            if chunk[-2] != tokenizer.eos_token_id and chunk[-2] != tokenizer.pad_token_id:
+                chunk[-1] = tokenizer.eos_token_id
+            if chunk[1] == tokenizer.pad_token_id:
+                chunk[1] = tokenizer.eos_token_id
+        chunks.append(chunk)
+    return torch.stack(chunks)
+
+
+def kohya_join(states: torch.Tensor, max_length: int) -> torch.Tensor:
+    """[n, 77, D] encoded chunks → [1, 75n + 2, D]."""
+    n = states.shape[0]
+    states = states.reshape(1, -1, states.shape[-1])
+    if max_length == 77:
+        return states
+    parts = [states[:, 0].unsqueeze(1)]
+    for i in range(1, n * 77, 77):
+        parts.append(states[:, i : i + 75])
+    parts.append(states[:, -1].unsqueeze(1))
+    return torch.cat(parts, dim=1)
+
+
+def kohya_encode(base, text: str, max_token_length: int, weights_of=None):
+    max_length = max_token_length + 2
+    sdxl = base.family == "sdxl"
+    states, pool = [], None
+    for i, (te, tok) in enumerate(zip(base.text_encoders, base.tokenizers, strict=True)):
+        ids = kohya_input_ids(tok, text, max_length)
+        out = te(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2] if sdxl else out.last_hidden_state
+        joined = kohya_join(hidden, max_length)
+        if weights_of is not None:
+            # get_weighted_text_embeddings: weight each token, then restore the prompt's mean.
+            w = weights_of(tok, max_token_length)[None, :, None]
+            previous_mean = joined.float().mean(axis=[-2, -1])
+            joined = joined * w
+            current_mean = joined.float().mean(axis=[-2, -1])
+            joined = joined * (previous_mean / current_mean).unsqueeze(-1).unsqueeze(-1)
+        states.append(joined)
+        if sdxl and i == 1:
+            # _pool_workaround: the first EOS of the first chunk, through the projection.
+            first_eos = torch.argmax((ids == tok.eos_token_id).int(), dim=1)
+            pooled = out.last_hidden_state[torch.arange(len(ids)), first_eos]
+            pool = te.text_projection(pooled)[:1]
+    return torch.cat(states, dim=-1), pool
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("max_token_length", [75, 150, 225])
+@pytest.mark.parametrize("words", [3, 74, 75, 80, 150, 160, 400])
+def test_training_layout_is_kohyas(request, family, max_token_length, words):
+    base = request.getfixturevalue(family)
+    text = _long_prompt(words)
+    cond = encode_prompts(base, [text], max_token_length=max_token_length)
+    with torch.no_grad():
+        want, pool = kohya_encode(base, text, max_token_length)
+    assert cond.hidden_states.shape == want.shape == (1, max_token_length + 2, want.shape[-1])
+    torch.testing.assert_close(cond.hidden_states, want)
+    if family == "sdxl":
+        torch.testing.assert_close(cond.pooled, pool)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_weighted_long_caption_restores_the_whole_prompts_mean(request, family):
+    base = request.getfixturevalue(family)
+    runs = [(_long_prompt(70), 1.0), (" red", 1.5), (" " + _long_prompt(40), 1.0), (" cat", 0.5)]
+    text = _long_prompt(70) + " (red:1.5) " + _long_prompt(40) + " (cat:0.5)"
+    # The runs split at word boundaries, so the whole text without brackets has the runs' tokens.
+    plain = "".join(run for run, _ in runs)
+
+    def weights_of(tok, max_token_length):
+        # get_prompts_with_weights: each run tokenized on its own, its weight on each of its tokens.
+        weights = [w for run, w in runs for _ in tok(run).input_ids[1:-1]]
+        weights = weights[:max_token_length]
+        return torch.tensor([1.0] + weights + [1.0] * (max_token_length + 1 - len(weights)))
+
+    cond = encode_prompts(base, [text], max_token_length=150, weighted=True)
+    with torch.no_grad():
+        want, _ = kohya_encode(base, plain, 150, weights_of=weights_of)
+    torch.testing.assert_close(cond.hidden_states, want)
 
 
 def test_chunk_layout_bos_text_eos_pad(sdxl):
@@ -166,7 +263,7 @@ def test_clip_skip_sd15_matches_manual(sd15):
 
 def test_sdxl_shapes_and_penultimate_layer(sdxl):
     cond = encode_prompts(sdxl, ["a cat", "a dog"], max_token_length=150)
-    assert cond.hidden_states.shape == (2, 154, sdxl.unet.config.cross_attention_dim)
+    assert cond.hidden_states.shape == (2, 152, sdxl.unet.config.cross_attention_dim)
     assert cond.pooled is not None and cond.pooled.shape == (2, 32)
 
     te1, te2 = sdxl.text_encoders

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import threading
+from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from runner.models import load_base
+from runner.objectives import NoisePrediction
 from runner.selftest import make_demo_dataset
 from runner.spec import (
     DoneEvent,
@@ -26,7 +32,7 @@ from runner.spec import (
     TrainSpec,
     text_encoding,
 )
-from runner.train import concrete_spec, train
+from runner.train import Trainer, concrete_spec, train
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,8 @@ def data(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("data"), count=4, repeats=1)
 
 
-def run(out: Path, data: Path, cancel: threading.Event | None = None, on_event=None, **settings):
-    spec = TrainSpec.parse(
+def settings_for(out: Path, data: Path, **settings) -> TrainSpec:
+    return TrainSpec.parse(
         {
             "base": "tiny:sd15",
             "train_data_dir": str(data),
@@ -51,6 +57,10 @@ def run(out: Path, data: Path, cancel: threading.Event | None = None, on_event=N
             **settings,
         }
     )
+
+
+def run(out: Path, data: Path, cancel: threading.Event | None = None, on_event=None, **settings):
+    spec = settings_for(out, data, **settings)
     events: list = []
 
     def emit(e):
@@ -212,7 +222,6 @@ def test_min_snr_gamma_reweights_timesteps_within_a_batch(tmp_path, data):
     "settings",
     [
         {"gradient_checkpointing": True},
-        {"cache_latents": False},
         {"cache_text_encoder_outputs": False, "network_train_unet_only": True},
     ],
 )
@@ -240,12 +249,95 @@ def test_network_shape_settings(tmp_path, data):
     assert te_only and all(k.startswith("lora_te_") for k in te_only)
 
 
-def test_block_weights_zero_freezes_those_blocks(tmp_path, data):
-    _, _, t = run(tmp_path, data, down_lr_weight=[0.0] * 12, network_train_unet_only=True)
-    down = [k for k in t if k.startswith("lora_unet_down_blocks") and k.endswith("lora_up.weight")]
-    up = [k for k in t if k.startswith("lora_unet_up_blocks") and k.endswith("lora_up.weight")]
-    assert up and any(t[k].abs().sum() > 0 for k in up)
-    assert all(t[k].abs().sum() == 0 for k in down)
+def test_zero_block_weights_leave_those_blocks_out(tmp_path, data):
+    # The tiny SD1.5 UNet has attentions in IN01 (down_blocks.0.attentions.0), IN02 (….attentions.1),
+    # MID and OUT03..OUT05 (up_blocks.1); kohya drops the modules of blocks weighted 0.
+    spec = settings_for(
+        tmp_path,
+        data,
+        down_lr_weight=[1.0, 0.0, 2.0] + [1.0] * 9,
+        mid_lr_weight=0.5,
+        up_lr_weight=[0.0] * 12,
+        network_train_unet_only=True,
+    )
+    trainer = Trainer(spec, lambda e: None, device="cpu")
+    result = trainer.run()
+    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {
+        "unet_IN02": pytest.approx(2e-3),
+        "unet_MID": pytest.approx(5e-4),
+    }
+    t = load_file(result.lora_file)
+    ups = {k.removesuffix(".lora_up.weight") for k in t if k.endswith(".lora_up.weight")}
+    assert not any(
+        k.startswith(("lora_unet_down_blocks_0_attentions_0_", "lora_unet_up_blocks_")) for k in ups
+    )
+    in02 = {k for k in ups if k.startswith("lora_unet_down_blocks_0_attentions_1_")}
+    mid = {k for k in ups if k.startswith("lora_unet_mid_block_")}
+    assert in02 and mid and ups == in02 | mid
+    assert all(t[f"{k}.lora_up.weight"].abs().sum() > 0 for k in ups)
+
+
+def test_uncached_latents_are_a_fresh_sample_every_step(tmp_path, monkeypatch):
+    # kohya's uncached path: latent_dist.sample() each step, not one sample kept for the run.
+    data = tmp_path / "one"
+    data.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(data / "img.png")
+    (data / "img.txt").write_text("a cat")
+    seen = []
+    loss = NoisePrediction.loss
+
+    def recording_loss(self, batch, gen):
+        seen.append(batch.latents.detach().clone())
+        return loss(self, batch, gen)
+
+    monkeypatch.setattr(NoisePrediction, "loss", recording_loss)
+    result, _, _ = run(
+        tmp_path / "out", data, cache_latents=False, max_train_epochs=3, network_train_unet_only=True
+    )
+    assert isinstance(result, DoneEvent) and len(seen) == 3
+    vae = load_base("tiny:sd15").vae
+    with torch.no_grad():
+        x = torch.from_numpy(pixels.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        dist = vae.encode(x).latent_dist
+    # Each step's latents, standardised by the image's latent distribution: a draw from N(0, 1)...
+    zs = [((latents[0] / vae.config.scaling_factor) - dist.mean[0]) / dist.std[0] for latents in seen]
+    for z in zs:
+        assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.1
+    # ...and a new one every step (independent draws are uncorrelated).
+    for a, b in combinations(zs, 2):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.1
+
+
+@pytest.fixture
+def transformers_4_45_checkpointing(monkeypatch):
+    """gradient_checkpointing_enable as in transformers 4.45, the oldest version the project allows:
+    reentrant checkpointing unless told otherwise, and no input gradients for a model without
+    transformers' own peft integration (the trainer injects LoRA with peft directly)."""
+
+    def enable(self, gradient_checkpointing_kwargs=None):
+        kwargs = (
+            {"use_reentrant": True}
+            if gradient_checkpointing_kwargs is None
+            else gradient_checkpointing_kwargs
+        )
+        self._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=functools.partial(checkpoint, **kwargs)
+        )
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", enable)
+
+
+def test_text_encoder_lora_trains_with_gradient_checkpointing(
+    tmp_path, data, hooked_base, transformers_4_45_checkpointing
+):
+    _, loaded = hooked_base
+    result, _, t = run(tmp_path, data, gradient_checkpointing=True)
+    assert isinstance(result, DoneEvent), result
+    te = loaded[0].text_encoders[0]
+    assert any(getattr(m, "gradient_checkpointing", False) for m in te.modules())
+    ups = [k for k in t if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert ups and all(t[k].abs().sum() > 0 for k in ups)
 
 
 def test_run_length_settings(tmp_path, data):
