@@ -21,9 +21,9 @@ from typing import Any
 from pydantic import ValidationError
 from sqlite_utils import Database
 
-from runner.presets import preset_settings
-from runner.sample_prompts import default_sample_prompts, parse_sample_prompt
-from runner.spec import SpecError, TagSpec, TrainSpec
+from runner.presets import with_preset
+from runner.sample_prompts import default_sample_prompts, read_sample_prompt
+from runner.spec import RunLength, SpecError, TagSpec, TrainSpec
 
 from . import store
 from .config import Config, ConfigError, Quota, QuotaOverride
@@ -157,7 +157,7 @@ def check_quota(u: Usage, estimate: Estimate, images: int | None = None) -> None
                 "training steps",
                 estimate.steps,
                 q.total_steps,
-                advice=" — lower max_train_epochs, the repeats or raise train_batch_size",
+                advice=" — lower max_train_epochs (or max_train_steps), the repeats or raise train_batch_size",
             )
         )
     if images is not None and images > q.images_per_dataset:
@@ -183,6 +183,7 @@ class Estimate:
     rate_key: str
     measured: bool  # from finished jobs, not the default
     preview_seconds: float = 0.0  # of ``seconds``: rendering the preview rounds
+    epochs: int | None = None  # training: the epochs those steps make
 
 
 def base_family(base: str) -> str:
@@ -209,46 +210,52 @@ def _cost(db: Database, kind: str, rate_key: str, steps: int, default_rate: floa
 
 
 def estimate_train(db: Database, cfg: Config, spec: TrainSpec, family: str, weighted_images: int) -> Estimate:
-    preset = preset_settings(spec.preset, family) if spec.preset else {}
-    s = {**spec.model_dump(), **{k: v for k, v in preset.items() if k not in spec.model_fields_set}}
-    w, h = s["resolution"] or (NATIVE[family],) * 2
-    batches = math.ceil(weighted_images / s["train_batch_size"])
-    per_epoch = math.ceil(batches / s["gradient_accumulation_steps"])
-    steps = per_epoch * s["max_train_epochs"] if s["max_train_epochs"] else s["max_train_steps"]
-    default = cfg.scheduling.seconds_per_step * (w * h / 512**2) * s["train_batch_size"]
-    key = f"train|{spec.base}|{w}x{h}|b{s['train_batch_size']}"
-    estimate = _cost(db, "train", key, steps, default)
-    epochs = s["max_train_epochs"] or math.ceil(steps / max(per_epoch, 1))
-    estimate.preview_seconds = _preview_seconds(db, cfg, s, epochs, (w, h))
+    """Steps as the trainer counts them (TrainSpec.run_length, preset laid under the member's settings);
+    batches as if all images shared one bucket, so a dataset of several buckets may train a few more."""
+    s = TrainSpec.parse(with_preset(spec, family))
+    w, h = s.resolution or (NATIVE[family],) * 2
+    length = s.run_length(math.ceil(weighted_images / s.train_batch_size))
+    default = cfg.scheduling.seconds_per_step * (w * h / 512**2) * s.train_batch_size
+    key = f"train|{spec.base}|{w}x{h}|b{s.train_batch_size}"
+    estimate = _cost(db, "train", key, length.steps, default)
+    estimate.epochs = length.epochs
+    estimate.preview_seconds = _preview_seconds(db, cfg, s, length, (w, h))
     estimate.seconds = round(estimate.seconds + estimate.preview_seconds, 1)
     return estimate
 
 
+def preview_rounds(s: TrainSpec, length: RunLength) -> int:
+    """How many times the trainer renders the previews (runner.train's rule, independent of saving):
+    every sample_every_n_steps-th step, or every N-th epoch and the last, and once first if asked."""
+    every = s.sample_epochs_every()
+    rounds = int(s.sample_at_first)
+    if s.sample_every_n_steps:
+        rounds += length.steps // s.sample_every_n_steps
+    if every:
+        rounds += sum(1 for e in range(1, length.epochs + 1) if e % every == 0 or e == length.epochs)
+    return rounds
+
+
 def _preview_seconds(
-    db: Database, cfg: Config, s: dict[str, Any], epochs: int, size: tuple[int, int]
+    db: Database, cfg: Config, s: TrainSpec, length: RunLength, size: tuple[int, int]
 ) -> float:
-    """GPU time of the previews the trainer renders after saved epochs (runner.train's rule: every
-    ``sample_every_n_epochs``-th saved epoch and the last one), each prompt priced as a generation
-    of its own steps and size (``--s``, ``--w``, ``--h``) at the base's generation rate."""
-    save = s["save_every_n_epochs"]
-    every = save if s["sample_every_n_epochs"] is None else s["sample_every_n_epochs"]
-    if not every:
+    """GPU time of the preview rounds, each prompt priced as a generation of its own steps and size
+    (``--s``, ``--w``, ``--h`` or a prompt file's keys) at the base's generation rate."""
+    rounds = preview_rounds(s, length)
+    if not rounds:
         return 0.0
-    rounds = sum(
-        1 for e in range(1, epochs + 1) if (e % save == 0 or e == epochs) and (e % every == 0 or e == epochs)
-    )
     # The trainer's default lines are the trigger and common tags: their count is what matters here.
-    lines = s["sample_prompts"] or default_sample_prompts(s["trigger_word"], [])
+    entries = s.sample_prompts or default_sample_prompts(s.trigger_word, [])
     seconds = 0.0
-    for line in lines:
+    for entry in entries:
         try:
-            sp = parse_sample_prompt(
-                line, width=size[0], height=size[1], steps=s["sample_steps"], sampler="", seed=0
+            sp = read_sample_prompt(
+                entry, width=size[0], height=size[1], steps=s.sample_steps, sampler="", seed=0
             )
         except ValueError as e:
             raise SpecError(f"sample_prompts: {e}") from None
         rate_default = cfg.scheduling.gen_seconds_per_step * (sp.width * sp.height / 512**2)
-        seconds += _cost(db, "gen", f"gen|{s['base']}|{sp.width}x{sp.height}", sp.steps, rate_default).seconds
+        seconds += _cost(db, "gen", f"gen|{s.base}|{sp.width}x{sp.height}", sp.steps, rate_default).seconds
     return round(rounds * seconds, 1)
 
 
@@ -327,6 +334,8 @@ def submit_train(
             "output_dir": str(member_path(cfg.data_dir, member, "loras", "pending")),
         }
         spec = TrainSpec.parse(raw)
+        if "sample_prompts" in raw:  # a prompt file is read now: the queued job keeps what it said
+            raw["sample_prompts"] = spec.model_dump(mode="json", include={"sample_prompts"})["sample_prompts"]
         estimate = estimate_train(db, cfg, spec, base_family(spec.base), weighted)
     except (SpecError, ConfigError, PathError) as e:
         raise JobError(str(e)) from None

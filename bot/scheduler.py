@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from runner.spec import DoneEvent, EpochEvent, FailedEvent, ImagesEvent, ProgressEvent
+from runner.spec import DoneEvent, EpochEvent, FailedEvent, ImagesEvent, ProgressEvent, SamplesEvent
 
 from . import jobs, store
 from .config import Config
@@ -283,6 +283,8 @@ class Scheduler:
             await self._artifacts(job, "lora", [event.lora_file], event.epoch)
             await self._artifacts(job, "image", event.sample_images, event.epoch)
             await self._stop_if_over(store.get_job(self.db, job.id))
+        elif isinstance(event, SamplesEvent):
+            await self._artifacts(job, "image", event.sample_images, event.epoch)
         elif isinstance(event, DoneEvent):
             await self._artifacts(job, "lora", [event.lora_file], None)
         elif isinstance(event, ImagesEvent):

@@ -14,10 +14,12 @@ from .spec import (
     FailedEvent,
     IntakeSpec,
     ProgressEvent,
+    SamplesEvent,
     SpecError,
     StageEvent,
     TagSpec,
     TrainSpec,
+    layer_settings,
     load_toml_settings,
 )
 
@@ -47,8 +49,8 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    settings: dict[str, Any] = load_toml_settings(args.config) if args.config else {}
-    settings.update(parse_sets(args.set))
+    # --set is laid over the file: a max_train_steps given there replaces the file's epochs.
+    settings = layer_settings(load_toml_settings(args.config) if args.config else {}, parse_sets(args.set))
     settings.update(train_data_dir=args.data, base=args.base, output_name=args.name, output_dir=args.out)
     if args.trigger:
         settings["trigger_word"] = args.trigger
@@ -81,6 +83,13 @@ class ProgressPrinter:
             self._write(f"[{event.stage}] {event.message}")
         elif isinstance(event, EpochEvent):
             self._write(f"epoch {event.epoch}: {event.lora_file}")
+            for image in event.sample_images:
+                self._write(f"  sample: {image}")
+        elif isinstance(event, SamplesEvent):
+            self._write(
+                f"previews at {'epoch ' if event.end_of_epoch else 'step '}"
+                f"{event.epoch if event.end_of_epoch else event.step} (not saved)"
+            )
             for image in event.sample_images:
                 self._write(f"  sample: {image}")
         elif isinstance(event, DoneEvent):

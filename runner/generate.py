@@ -55,9 +55,9 @@ from .sample_prompts import (  # noqa: F401 (re-exported: the trainer and tests 
     MAX_SIDE,
     SamplePrompt,
     default_sample_prompts,
+    read_sample_prompt,
 )
-from .sample_prompts import parse_sample_prompt as _parse_line
-from .spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SpecError
+from .spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SamplePromptSettings, SpecError
 from .text import encode_prompts
 
 if TYPE_CHECKING:
@@ -137,9 +137,10 @@ def resolve_sampler(name: str) -> str:
     raise ValueError(f"unknown sampler '{name}': use one of {names}")
 
 
-def parse_sample_prompt(line: str, **defaults: Any) -> SamplePrompt:
-    """:func:`runner.sample_prompts.parse_sample_prompt` with sampler names checked and resolved."""
-    return _parse_line(line, resolve_sampler=resolve_sampler, **defaults)
+def parse_sample_prompt(entry: str | SamplePromptSettings, **defaults: Any) -> SamplePrompt:
+    """:func:`runner.sample_prompts.read_sample_prompt` (a prompt line or a prompt file's table)
+    with sampler names checked and resolved."""
+    return read_sample_prompt(entry, resolve_sampler=resolve_sampler, **defaults)
 
 
 def make_scheduler(name: str, scheduler_config: dict[str, Any], seed: int | None = None) -> SchedulerMixin:

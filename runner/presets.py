@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec import Family, SpecError
+from .spec import Family, SpecError, TrainSpec, layer_settings
 
 _COMMON: dict[str, Any] = {
     "optimizer_type": "AdamW",
@@ -127,3 +127,11 @@ def preset_settings(preset: str, family: Family) -> dict[str, Any]:
     if family == "sdxl" and settings.get("network_train_unet_only"):
         settings.pop("text_encoder_lr", None)
     return settings
+
+
+def with_preset(spec: TrainSpec, family: Family) -> dict[str, Any]:
+    """Every setting of ``spec``, its preset laid under the settings the member gave (an epoch count
+    of the preset does not beat the member's max_train_steps: see layer_settings)."""
+    preset = preset_settings(spec.preset, family) if spec.preset else {}
+    own = spec.model_dump(include=spec.model_fields_set)
+    return {**spec.model_dump(), **layer_settings(preset, own)}

@@ -7,7 +7,10 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import SamplePromptSettings
 
 MAX_SIDE = 4096
 DEFAULT_NEGATIVE = (
@@ -109,6 +112,40 @@ def parse_sample_prompt(
     except ValueError as e:
         raise ValueError(f"sample prompt '{line.strip()}': {e}") from None
     return sp
+
+
+def sample_prompt_from_table(
+    table: SamplePromptSettings,
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    sampler: str,
+    seed: int,
+    cfg_scale: float = 7.5,
+    resolve_sampler: Callable[[str], str] = str.strip,
+) -> SamplePrompt:
+    """One prompt table of a kohya .toml/.json prompt file; the keyword arguments fill the keys it
+    leaves out, as they fill a prompt line's missing options. The prompt text is taken as it is
+    (kohya reads no ``--`` options inside a table's prompt)."""
+    sp = SamplePrompt(
+        table.prompt.strip(),
+        negative=table.negative_prompt,
+        width=_side("w", str(width if table.width is None else table.width)),
+        height=_side("h", str(height if table.height is None else table.height)),
+        seed=seed if table.seed is None else table.seed,
+        cfg_scale=cfg_scale if table.scale is None else table.scale,
+        steps=table.sample_steps or steps,
+        sampler=resolve_sampler(table.sample_sampler or sampler),
+    )
+    return sp if table.guidance_scale is None else replace(sp, guidance=table.guidance_scale)
+
+
+def read_sample_prompt(entry: str | SamplePromptSettings, **defaults: Any) -> SamplePrompt:
+    """A sample_prompts entry: a kohya prompt line, or a table of a kohya prompt file."""
+    if isinstance(entry, str):
+        return parse_sample_prompt(entry, **defaults)
+    return sample_prompt_from_table(entry, **defaults)
 
 
 _UNESCAPED_PAREN = re.compile(r"(?<!\\)([()])")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -110,8 +111,13 @@ def epoch_file(name: str, epoch: int) -> str:
     return f"{name}-{epoch:06d}.safetensors"
 
 
-def sample_file(name: str, epoch: int, index: int) -> str:
-    return f"{name}-{epoch:06d}-{index:02d}.png"
+def sample_file(name: str, epoch: int, index: int, step: int | None = None) -> str:
+    """A preview's file: by epoch, or by optimizer step for previews taken within an epoch."""
+    return (
+        f"{name}-step{step:06d}-{index:02d}.png"
+        if step is not None
+        else f"{name}-{epoch:06d}-{index:02d}.png"
+    )
 
 
 def state_folder(name: str, suffix: str = "") -> str:
@@ -127,6 +133,7 @@ OUTPUT_NAME_BYTES = FILE_NAME_BYTES - max(
     for made in (
         epoch_file("", 1_000_000),
         sample_file("", 1_000_000, 9999),
+        sample_file("", 0, 9999, step=1_000_000),
         state_folder("", ".tmp"),
         state_folder("", ".old"),
         ".safetensors",
@@ -165,6 +172,92 @@ class _Spec(BaseModel):
         # Only what was set travels: a preset fills the rest on the GPU side, and must not be
         # overridden by defaults that nobody chose.
         return self.model_dump_json(exclude_unset=True)
+
+
+class RunLength(NamedTuple):
+    epochs: int
+    steps: int
+    steps_per_epoch: int
+
+
+RUN_LENGTH = ("max_train_epochs", "max_train_steps")
+
+
+def layer_settings(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``under``, the run length counting as one setting: when ``over`` gives
+    epochs or steps, ``under``'s epochs and steps both go. So a member's max_train_steps is not
+    beaten by a preset's (or an older setting's) max_train_epochs, which kohya would let win."""
+    merged = {**under, **over}
+    if any(k in over for k in RUN_LENGTH):
+        for k in RUN_LENGTH:
+            if k not in over:
+                merged.pop(k, None)
+    return merged
+
+
+PROMPT_FILE_SUFFIXES = (".txt", ".toml", ".json")
+
+
+def names_prompt_file(value: Any) -> bool:
+    """Whether a sample_prompts value is a path to a prompt file (kohya tells them by the suffix)."""
+    return (
+        isinstance(value, str) and "\n" not in value and value.strip().lower().endswith(PROMPT_FILE_SUFFIXES)
+    )
+
+
+class SamplePromptSettings(_Spec):
+    """One prompt of a kohya .toml/.json prompt file, with kohya's keys; unset keys take the
+    sample_* settings and the training resolution, as a prompt line's missing options do."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int | None = Field(None, ge=64, le=4096, description="rounded down to a multiple of 8")
+    height: int | None = Field(None, ge=64, le=4096, description="rounded down to a multiple of 8")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    scale: float | None = Field(None, ge=0.0, le=100.0, description="CFG scale")
+    sample_steps: int | None = Field(None, ge=1, le=1000)
+    sample_sampler: str | None = None
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0, description="Flux guidance")
+
+
+def read_prompt_file(path: str) -> list[str | dict[str, Any]]:
+    """A kohya sample-prompt file, as kohya's train_util reads it: .txt lines (blank lines and
+    lines starting with # left out), a .toml ``[prompt]`` table whose keys are defaults for each
+    ``[[prompt.subset]]``, or a .json list of prompt lines or tables."""
+    file = Path(path.strip()).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"cannot read the prompt file {path.strip()}: {getattr(e, 'strerror', None) or e}"
+        ) from None
+    prompts = _prompt_file_entries(file, text)
+    if not prompts:
+        raise ValueError(f"the prompt file {file.name} has no prompts")
+    return prompts
+
+
+def _prompt_file_entries(file: Path, text: str) -> list[str | dict[str, Any]]:
+    import tomllib
+
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the prompt file {file.name} does not parse: {e}") from None
+    if suffix == ".toml":
+        table = data.get("prompt")
+        if not isinstance(table, dict) or not isinstance(table.get("subset"), list):
+            raise ValueError(
+                f"the prompt file {file.name} needs a [prompt] table of defaults and [[prompt.subset]] prompts"
+            )
+        defaults = {k: v for k, v in table.items() if k != "subset"}
+        return [{**defaults, **subset} for subset in table["subset"]]
+    if not isinstance(data, list):
+        raise ValueError(f"the prompt file {file.name} must hold a JSON list of prompts")
+    return data
 
 
 class TrainSpec(_Spec):
@@ -229,9 +322,17 @@ class TrainSpec(_Spec):
     learning_rate: float = Field(1e-4, gt=0.0, le=10.0)
     unet_lr: float | None = Field(None, ge=0.0, le=10.0)
     text_encoder_lr: float | None = Field(None, ge=0.0, le=10.0)
-    lr_scheduler: LrScheduler = "cosine"
+    lr_scheduler: LrScheduler = Field(
+        "cosine",
+        description="diffusers' schedule of that name; constant with a warmup becomes constant_with_warmup "
+        "(diffusers' constant ignores warmup) and the metadata names the schedule used",
+    )
     lr_warmup_steps: float = Field(
-        0, ge=0, le=100000, description="steps, or a fraction of all steps when < 1"
+        0,
+        ge=0,
+        le=100000,
+        description="optimizer steps of linear warmup from 0, or a fraction of all steps when < 1 "
+        "(rounded down, as kohya does)",
     )
     lr_scheduler_num_cycles: int = Field(1, ge=1, le=100)
     lr_scheduler_power: float = Field(1.0, gt=0.0, le=10.0)
@@ -309,17 +410,39 @@ class TrainSpec(_Spec):
 
     # Run length.
     train_batch_size: int = Field(1, ge=1, le=256)
-    max_train_epochs: int | None = Field(10, ge=1, le=10000)
-    max_train_steps: int | None = Field(None, ge=1, le=1_000_000)
+    # As in kohya: epochs, when given, decide the run length and max_train_steps is not used.
+    # A preset's epochs apply only when the member set neither (see layer_settings).
+    max_train_epochs: int | None = Field(
+        None, ge=1, le=10000, description="epochs to train; when given, max_train_steps is not used"
+    )
+    max_train_steps: int | None = Field(
+        1600,
+        ge=1,
+        le=1_000_000,
+        description="optimizer steps to train when max_train_epochs is not given (kohya's default 1600)",
+    )
     save_every_n_epochs: int = Field(1, ge=1, le=10000)
 
-    # Samples after each saved epoch (kohya's prompt syntax).
-    sample_prompts: list[str] = Field(default_factory=list)
+    # Preview images (kohya's prompt syntax), rendered with the weights of that moment.
+    sample_prompts: list[str | SamplePromptSettings] = Field(
+        default_factory=list,
+        description="prompt lines (--n --w --h --d --l --g --s --ss options), or one path to a kohya prompt "
+        "file: .txt (a prompt line a line, # comments), .toml ([prompt] defaults, [[prompt.subset]] "
+        "prompts) or .json (a list of lines or of prompt tables); unset: the trigger word and common tags",
+    )
     sample_sampler: SampleSampler = "euler_a"
     sample_steps: int = Field(20, ge=1, le=1000)
     sample_every_n_epochs: int | None = Field(
-        None, ge=0, le=10000, description="defaults to save_every_n_epochs; 0 = no samples"
+        None,
+        ge=0,
+        le=10000,
+        description="previews after every N epochs and after the last, whether saved or not; unset: "
+        "save_every_n_epochs, or none when sample_every_n_steps is given; 0 = none",
     )
+    sample_every_n_steps: int | None = Field(
+        None, ge=0, le=1_000_000, description="previews after every N optimizer steps; unset or 0 = none"
+    )
+    sample_at_first: bool = Field(False, description="previews before the first step (the base model alone)")
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -339,8 +462,12 @@ class TrainSpec(_Spec):
     @field_validator("sample_prompts", mode="before")
     @classmethod
     def _one_prompt(cls, v: Any) -> Any:
-        # `--set sample_prompts="a photo of sks --w 512"` is one prompt, not a type error.
-        return [v] if isinstance(v, str) else v
+        # kohya's sample_prompts is one file path; a string that is not one is a single prompt
+        # (`--set sample_prompts="a photo of sks --w 512"`). The file is read now, so a missing one
+        # is refused before training and a queued job keeps the prompts it was given.
+        if isinstance(v, str):
+            return read_prompt_file(v) if names_prompt_file(v) else [v]
+        return v
 
     @field_validator("optimizer_args", mode="before")
     @classmethod
@@ -392,6 +519,9 @@ class TrainSpec(_Spec):
             raise ValueError("min_bucket_reso must not exceed max_bucket_reso")
         if self.max_train_epochs is None and self.max_train_steps is None:
             raise ValueError("set max_train_epochs or max_train_steps")
+        if self.sample_every_n_epochs and self.sample_every_n_steps:
+            # kohya would silently drop the steps; a member who set both is told instead.
+            raise ValueError("set sample_every_n_epochs or sample_every_n_steps, not both")
         if (self.conv_alpha is not None) and self.conv_dim is None:
             raise ValueError("conv_alpha needs conv_dim")
         return self
@@ -416,6 +546,27 @@ class TrainSpec(_Spec):
     def warmup_steps(self, total_steps: int) -> int:
         w = self.lr_warmup_steps
         return int(w * total_steps) if 0 < w < 1 else int(w)
+
+    def lr_schedule(self, total_steps: int) -> tuple[LrScheduler, int]:
+        """(the diffusers schedule to use, its warmup steps) for a run of ``total_steps``."""
+        warmup = self.warmup_steps(total_steps)
+        if self.lr_scheduler == "constant" and warmup:
+            return "constant_with_warmup", warmup
+        return self.lr_scheduler, warmup
+
+    def run_length(self, batches_per_epoch: int) -> RunLength:
+        """Epochs and optimizer steps for an epoch of ``batches_per_epoch`` batches (kohya's arithmetic)."""
+        per_epoch = max(math.ceil(batches_per_epoch / self.gradient_accumulation_steps), 1)
+        if self.max_train_epochs:
+            return RunLength(self.max_train_epochs, self.max_train_epochs * per_epoch, per_epoch)
+        steps = self.max_train_steps or 0
+        return RunLength(math.ceil(steps / per_epoch), steps, per_epoch)
+
+    def sample_epochs_every(self) -> int:
+        """Epochs between previews (0: none at epoch ends), with the defaults spelt out in the fields."""
+        if self.sample_every_n_epochs is not None:
+            return self.sample_every_n_epochs
+        return 0 if self.sample_every_n_steps else self.save_every_n_epochs
 
     @classmethod
     def setting_names(cls) -> list[str]:
@@ -609,7 +760,10 @@ class ProgressEvent(_Spec):
     step: int
     total_steps: int
     epoch: int
-    loss: float
+    total_epochs: int | None = None  # None only in events of older workers
+    loss: float = Field(
+        description="moving average over optimizer steps of each step's mean micro-batch loss"
+    )
     lr: float
     eta_s: float
     samples_per_s: float
@@ -622,6 +776,18 @@ class EpochEvent(_Spec):
     lora_file: str
     sample_images: list[str] = Field(default_factory=list)
     sample_prompts: list[str] = Field(default_factory=list)
+
+
+class SamplesEvent(_Spec):
+    """Previews at a moment that was not saved (a step, the start, an epoch between saves); the
+    previews of a saved epoch come in its EpochEvent."""
+
+    type: Literal["samples"] = "samples"
+    epoch: int = Field(description="the epoch being trained, or the one just finished; 0 before training")
+    step: int
+    end_of_epoch: bool = Field(description="rendered after the epoch's last step")
+    sample_images: list[str]
+    sample_prompts: list[str]
 
 
 class DoneEvent(_Spec):
@@ -671,7 +837,14 @@ class ImagesEvent(_Spec):
 
 
 Event = Annotated[
-    StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent | ImagesEvent,
+    StageEvent
+    | ProgressEvent
+    | EpochEvent
+    | SamplesEvent
+    | DoneEvent
+    | FailedEvent
+    | TaggedEvent
+    | ImagesEvent,
     Field(discriminator="type"),
 ]
 
@@ -682,7 +855,16 @@ class _EventBox(BaseModel):
 
 def parse_event(
     line: str | dict[str, Any],
-) -> StageEvent | ProgressEvent | EpochEvent | DoneEvent | FailedEvent | TaggedEvent | ImagesEvent:
+) -> (
+    StageEvent
+    | ProgressEvent
+    | EpochEvent
+    | SamplesEvent
+    | DoneEvent
+    | FailedEvent
+    | TaggedEvent
+    | ImagesEvent
+):
     data = json.loads(line) if isinstance(line, str) else line
     return _EventBox.model_validate({"event": data}).event
 

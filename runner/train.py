@@ -28,19 +28,25 @@ from safetensors.torch import load_file, save_file
 
 from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batches, load_dataset, load_image
 from .flux import check_family_settings, store_fp8
-from .generate import Sampler, default_sample_prompts, parse_sample_prompt, save_png
+from .generate import (
+    Sampler,
+    default_sample_prompts,
+    parse_sample_prompt,
+    save_png,
+)
 from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metadata
 from .models import Base, ModelError, load_base
 from .network import add_lora, load_lora_state, lora_state, param_groups
 from .objectives import Batch, make_objective
 from .optimizers import make_optimizer
 from .outcome import Cancelled, JobFailed, run_to_event
-from .presets import preset_settings
+from .presets import with_preset
 from .spec import (
     DoneEvent,
     EpochEvent,
     FailedEvent,
     ProgressEvent,
+    SamplesEvent,
     SpecError,
     StageEvent,
     TrainSpec,
@@ -57,14 +63,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "f
 
 def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
     """The spec with the preset applied under the member's own settings and sizes filled in."""
-    updates: dict[str, Any] = {}
-    if spec.preset:
-        updates = {
-            k: v
-            for k, v in preset_settings(spec.preset, base.family).items()
-            if k not in spec.model_fields_set
-        }
-    merged = {**spec.model_dump(), **updates}
+    merged = with_preset(spec, base.family)
     native = base.native_resolution
     res = merged["resolution"] or (native, native)
     merged["resolution"] = res
@@ -123,20 +122,20 @@ class Trainer:
         self.base.to(self.device, weight_dtype)
         self.objective = make_objective(self.base, spec, self.device, self.autocast_dtype)
         # Sample lines are checked now, not after the first epoch's hour of training.
-        lines = spec.sample_prompts or default_sample_prompts(spec.trigger_word, self.dataset.common_tags(8))
+        entries = spec.sample_prompts or default_sample_prompts(
+            spec.trigger_word, self.dataset.common_tags(8)
+        )
         w, h = spec.resolution
+        defaults = dict(
+            width=w,
+            height=h,
+            steps=spec.sample_steps,
+            sampler=spec.sample_sampler,
+            **self.objective.sample_defaults,
+        )
         try:
             self.sample_prompts = [
-                parse_sample_prompt(
-                    line,
-                    width=w,
-                    height=h,
-                    steps=spec.sample_steps,
-                    sampler=spec.sample_sampler,
-                    seed=spec.seed + i,
-                    **self.objective.sample_defaults,
-                )
-                for i, line in enumerate(lines)
+                parse_sample_prompt(entry, seed=spec.seed + i, **defaults) for i, entry in enumerate(entries)
             ]
         except ValueError as e:
             raise SpecError(f"sample_prompts: {e}") from None
@@ -161,17 +160,21 @@ class Trainer:
         self.batches_per_epoch = len(
             epoch_batches(self.dataset, spec.train_batch_size, 0, spec.seed, spec.flip_aug)
         )
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / spec.gradient_accumulation_steps)
-        if spec.max_train_epochs:  # epochs win over steps, as in kohya
-            self.num_epochs = spec.max_train_epochs
-            self.total_steps = self.num_epochs * self.steps_per_epoch
-        else:
-            self.total_steps = spec.max_train_steps or 0
-            self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.num_epochs, self.total_steps, self.steps_per_epoch = spec.run_length(self.batches_per_epoch)
+        scheduler, warmup = spec.lr_schedule(self.total_steps)
+        if scheduler != spec.lr_scheduler:
+            # The spec (and so the metadata and the resume check) names the schedule that runs.
+            self.spec = spec = spec.model_copy(update={"lr_scheduler": scheduler})
+            self.emit(
+                StageEvent(
+                    stage="lr_scheduler",
+                    message=f"{warmup} warmup steps asked with constant: using {scheduler}",
+                )
+            )
         self.lr_scheduler = get_scheduler(
-            spec.lr_scheduler,
+            scheduler,
             self.optimizer,
-            num_warmup_steps=spec.warmup_steps(self.total_steps),
+            num_warmup_steps=warmup,
             num_training_steps=self.total_steps,
             num_cycles=spec.lr_scheduler_num_cycles,
             power=spec.lr_scheduler_power,
@@ -188,7 +191,7 @@ class Trainer:
             dataset_dirs=self.dataset.dataset_dirs(),
             bucket_info=self.dataset.bucket_info(),
             optimizer=optimizer_name,
-            lr_warmup_steps=spec.warmup_steps(self.total_steps),
+            lr_warmup_steps=warmup,
         )
         self.metadata = training_metadata(spec, self.base, self.facts)
         self._cache()
@@ -335,6 +338,8 @@ class Trainer:
                 "sample_prompts",
                 "save_every_n_epochs",
                 "sample_every_n_epochs",
+                "sample_every_n_steps",
+                "sample_at_first",
             }
         )
 
@@ -357,48 +362,71 @@ class Trainer:
         self.emit(StageEvent(stage="resume", message=f"resuming after epoch {state['epoch']}"))
         return state["epoch"], state["step"]
 
-    def _save_epoch(self, epoch: int, step: int) -> EpochEvent:
+    def _save_epoch(self, epoch: int, step: int, with_samples: bool) -> EpochEvent:
         spec = self.spec
         path = self.out / epoch_file(spec.output_name, epoch)
         tensors = kohya_state_dict(self.base, DTYPES[spec.save_precision])
         written = save_lora(path, tensors, self.metadata, epoch=epoch, steps=step)
         self._save_state(epoch, step)
-        every = spec.save_every_n_epochs if spec.sample_every_n_epochs is None else spec.sample_every_n_epochs
         images, prompts = [], []
-        if every and (epoch % every == 0 or epoch == self.num_epochs):
-            images, prompts = self._samples(epoch, written["sshs_model_hash"][:12])
+        if with_samples:
+            images, prompts = self._samples(epoch, None, written["sshs_model_hash"][:12])
         return EpochEvent(
             epoch=epoch, step=step, lora_file=str(path), sample_images=images, sample_prompts=prompts
         )
 
-    def _samples(self, epoch: int, lora_hash: str) -> tuple[list[str], list[str]]:
+    def _preview(self, epoch: int, step: int, end_of_epoch: bool) -> None:
+        """Previews of weights that are not saved (kohya samples independently of saving)."""
+        images, prompts = self._samples(epoch, None if end_of_epoch else step, None)
+        self.emit(
+            SamplesEvent(
+                epoch=epoch,
+                step=step,
+                end_of_epoch=end_of_epoch,
+                sample_images=images,
+                sample_prompts=prompts,
+            )
+        )
+
+    def _samples(self, epoch: int, step: int | None, lora_hash: str | None) -> tuple[list[str], list[str]]:
+        """Render every sample prompt (named by ``step`` when given, else by ``epoch``); ``lora_hash``
+        is the saved file's (None: the weights are in no file, so the PNG's text names no LoRA)."""
         spec = self.spec
+        name = epoch_file(spec.output_name, epoch).removesuffix(".safetensors")
         if self.sampler is None:
             self.sampler = Sampler(
                 self.base, device=self.device, dtype=self.autocast_dtype, clip_skip=spec.clip_skip
             )
         sample_dir = self.out / "sample"
         sample_dir.mkdir(exist_ok=True)
-        name = f"{spec.output_name}-{epoch:06d}"
         paths = []
-        for i, sp in enumerate(self.sample_prompts):
-            self._check_cancel()
-            self.emit(
-                StageEvent(
-                    stage="sample",
-                    message=f"sample {i + 1}/{len(self.sample_prompts)}",
-                    current=i,
-                    total=len(self.sample_prompts),
+        # Previews draw from the global RNG nowhere that training reads it back: a run with
+        # previews trains the same weights as one without, as kohya keeps it.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for i, sp in enumerate(self.sample_prompts):
+                self._check_cancel()
+                self.emit(
+                    StageEvent(
+                        stage="sample",
+                        message=f"sample {i + 1}/{len(self.sample_prompts)}",
+                        current=i,
+                        total=len(self.sample_prompts),
+                    )
                 )
-            )
-            path = sample_dir / sample_file(spec.output_name, epoch, i)
-            # Written as A1111 would describe it, so the preview can be reproduced from its PNG alone.
-            described = replace(sp, prompt=f"{sp.prompt} <lora:{name}:1>")
-            text = self.sampler.parameters_text(
-                described, self.base.name, self.base.model_hash, extra={"Lora hashes": f"{name}: {lora_hash}"}
-            )
-            save_png(self.sampler.render(sp), path, text)
-            paths.append(str(path))
+                path = sample_dir / sample_file(spec.output_name, epoch, i, step)
+                if lora_hash is None:
+                    text = self.sampler.parameters_text(sp, self.base.name, self.base.model_hash)
+                else:
+                    # Written as A1111 would describe it, so the preview can be reproduced from its PNG alone.
+                    described = replace(sp, prompt=f"{sp.prompt} <lora:{name}:1>")
+                    text = self.sampler.parameters_text(
+                        described,
+                        self.base.name,
+                        self.base.model_hash,
+                        extra={"Lora hashes": f"{name}: {lora_hash}"},
+                    )
+                save_png(self.sampler.render(sp), path, text)
+                paths.append(str(path))
         return paths, [sp.prompt for sp in self.sample_prompts]
 
     def _check_cancel(self) -> None:
@@ -420,6 +448,20 @@ class Trainer:
         epoch_files = sorted(str(p) for p in self.out.iterdir() if pattern.fullmatch(p.name))
         loss_avg = None
         t0, step0 = time.monotonic(), step
+        self.emit(
+            StageEvent(
+                stage="train",
+                message=f"{self.num_epochs} epochs × {self.steps_per_epoch} steps: {self.total_steps} steps"
+                if spec.max_train_epochs
+                else f"{self.total_steps} steps ({self.num_epochs} epochs of {self.steps_per_epoch})",
+                current=step,
+                total=self.total_steps,
+            )
+        )
+        if spec.sample_at_first and step == 0:
+            self._preview(0, 0, end_of_epoch=False)
+        sample_every = spec.sample_epochs_every()
+        micro_losses: list[torch.Tensor] = []
         for epoch in range(start_epoch + 1, self.num_epochs + 1):
             # Reseeding per epoch makes an epoch's noise, order and captions independent of how
             # the run got there, so a resumed run is the same run. Each batch then draws from
@@ -431,8 +473,9 @@ class Trainer:
             for i, pairs in enumerate(batches):
                 self._check_cancel()
                 batch = self._batch(pairs, epoch, rng)
-                loss = self.objective.loss(batch, self.gen) / spec.gradient_accumulation_steps
-                self.scaler.scale(loss).backward()
+                loss = self.objective.loss(batch, self.gen)
+                micro_losses.append(loss.detach())
+                self.scaler.scale(loss / spec.gradient_accumulation_steps).backward()
                 if (i + 1) % spec.gradient_accumulation_steps and i + 1 != len(batches):
                     continue
                 if spec.max_grad_norm > 0:
@@ -443,7 +486,9 @@ class Trainer:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                value = loss.item() * spec.gradient_accumulation_steps
+                # The step's loss: the mean of its micro-batches (the last step of an epoch may have fewer).
+                value = torch.stack(micro_losses).mean().item()
+                micro_losses.clear()
                 if not math.isfinite(value):
                     raise JobFailed(
                         f"the loss became NaN/inf at step {step}: lower the learning rate, "
@@ -456,19 +501,25 @@ class Trainer:
                         step=step,
                         total_steps=self.total_steps,
                         epoch=epoch,
+                        total_epochs=self.num_epochs,
                         loss=loss_avg,
                         lr=self.lr_scheduler.get_last_lr()[0],
                         eta_s=(self.total_steps - step) / rate if rate else 0.0,
                         samples_per_s=rate * spec.train_batch_size * spec.gradient_accumulation_steps,
                     )
                 )
+                if spec.sample_every_n_steps and step % spec.sample_every_n_steps == 0:
+                    self._preview(epoch, step, end_of_epoch=False)
                 if step >= self.total_steps:
                     break
             last = epoch == self.num_epochs or step >= self.total_steps
+            sample = bool(sample_every) and (epoch % sample_every == 0 or last)
             if epoch % spec.save_every_n_epochs == 0 or last:
-                event = self._save_epoch(epoch, step)
+                event = self._save_epoch(epoch, step, sample)
                 epoch_files = sorted({*epoch_files, event.lora_file})
                 self.emit(event)
+            elif sample:
+                self._preview(epoch, step, end_of_epoch=True)
             if last:
                 break
         final = self.out / f"{spec.output_name}.safetensors"

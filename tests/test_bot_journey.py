@@ -115,7 +115,7 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
             for key, value in (("mixed_precision", "no"), ("sample_steps", "2"), ("train_batch_size", "1")):
                 done = await stub.command(alice, "train-set", {"key": key, "value": value}, channel_id=tid)
                 assert "saved" in (await done.original_message()).content
-            assert "2 epochs · dim 4/2" in card.embeds[0]["description"]
+            assert "2 epochs · 4 steps · dim 4/2" in card.embeds[0]["description"]
             # The character preset shuffles captions and trains the text encoder: said on the card.
             assert (
                 "CLIP-L runs on every step (shuffle_caption=True, CLIP-L trained)"

@@ -175,3 +175,12 @@ def test_two_submits_at_the_same_instant(server):
     assert sum(o.startswith("queued") for o in outcomes) == 1, outcomes
     assert sum("queued jobs: 3 of 2" in o for o in outcomes) == 2, outcomes
     assert len({j.id for j in store.list_jobs(db, owner="alice")}) == 2
+
+
+def test_estimate_counts_the_steps_the_trainer_will_run(server):
+    cfg, db = server
+    # 2 images × 3 repeats; the character preset trains 10 epochs at batch 2: 3 steps an epoch.
+    assert jobs.submit_train(db, cfg, "alice", "ds", "tiny", "p", {"preset": "character"}).steps == 30
+    # The member's max_train_steps is not beaten by the preset's epochs.
+    own = {"preset": "character", "max_train_steps": 7}
+    assert jobs.submit_train(db, cfg, "bob", "ds", "tiny", "s", own).steps == 7

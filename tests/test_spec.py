@@ -32,7 +32,7 @@ BASE = {"base": "tiny:sd15", "train_data_dir": "d", "output_dir": "o", "output_n
         ({"output_name": "a/b"}, "output_name"),
         ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, "cannot both be set"),
         ({"conv_alpha": 4}, "conv_alpha needs conv_dim"),
-        ({"max_train_epochs": None}, "set max_train_epochs or max_train_steps"),
+        ({"max_train_steps": None}, "set max_train_epochs or max_train_steps"),
     ],
 )
 def test_refusals_name_the_setting_and_range(settings, message):

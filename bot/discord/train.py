@@ -34,11 +34,14 @@ from runner.spec import (
     FailedEvent,
     IntakeSpec,
     ProgressEvent,
+    SamplesEvent,
     SpecError,
     StageEvent,
     TaggedEvent,
     TagSpec,
     TrainSpec,
+    layer_settings,
+    names_prompt_file,
     text_encoding,
 )
 from runner.tagger import compose, split_caption
@@ -105,7 +108,17 @@ def effective(bot: commands.Bot, draft: state.Draft) -> tuple[dict[str, Any], st
     family = jobs.base_family(bot.cfg.base(draft.base))
     preset = preset_settings(s.get("preset"), family) if s.get("preset") else {}
     defaults = {k: f.get_default(call_default_factory=True) for k, f in TrainSpec.model_fields.items()}
-    return {**defaults, **preset, **s.get("train", {})}, family
+    return {**defaults, **layer_settings(preset, s.get("train", {}))}, family
+
+
+def run_length_text(eff: dict[str, Any], est: jobs.Estimate | None) -> str:
+    """The run length as the member set it, and what it comes to once the images are counted."""
+    epochs, steps = (eff["max_train_epochs"], None) if est is None else (est.epochs, est.steps)
+    if est is None and not epochs:
+        steps = eff["max_train_steps"]
+    parts = [f"{epochs} epoch{'s' * (epochs != 1)}"] if epochs else []
+    parts += [f"{steps} step{'s' * (steps != 1)}"] if steps else []
+    return " · ".join(parts)
 
 
 def parse_train(bot: commands.Bot, draft: state.Draft, overrides: dict[str, Any]) -> TrainSpec:
@@ -136,10 +149,19 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
     s = draft.settings_dict
     eff, family = effective(bot, draft)
     res = eff.get("resolution") or (jobs.NATIVE.get(family, 512),) * 2
+    est, cost = None, ""
+    if images:
+        try:
+            spec = parse_train(bot, draft, s.get("train", {}))
+            est = jobs.estimate_train(bot.db, bot.cfg, spec, family, weighted)
+            left = jobs.usage(bot.db, bot.cfg, draft.owner).gpu_seconds_left
+            cost = f"Cost ~{duration(est.seconds)} GPU · you have {duration(left)} left today"
+        except (SpecError, ConfigError) as e:
+            cost = f"⚠ {e}"
     lines = [
         f"**{images}** images{f' · ⚠ {flags} flagged' if flags else ''} · ×{repeats(draft)} repeats",
         f"Base **{draft.base}** · {s.get('preset') or 'no preset'} · trigger `{s.get('trigger') or '-'}`",
-        f"{eff['max_train_epochs']} epochs · dim {eff['network_dim']}/{eff['network_alpha']:g} · "
+        f"{run_length_text(eff, est)} · dim {eff['network_dim']}/{eff['network_alpha']:g} · "
         f"lr {eff['learning_rate']:g} · {res[0]}×{res[1]} · batch {eff['train_batch_size']}",
     ]
     if s.get("train"):
@@ -152,16 +174,7 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
         encoding = None  # the setting at fault is named below, with the cost
     if encoding and encoding.message:
         lines.append(f"⏱ {encoding.message}")
-    if images:
-        try:
-            spec = parse_train(bot, draft, s.get("train", {}))
-            est = jobs.estimate_train(bot.db, bot.cfg, spec, family, weighted)
-            left = jobs.usage(bot.db, bot.cfg, draft.owner).gpu_seconds_left
-            lines.append(f"Cost ~{duration(est.seconds)} GPU · you have {duration(left)} left today")
-        except (SpecError, ConfigError) as e:
-            lines.append(f"⚠ {e}")
-    else:
-        lines.append("Post your images here (up to 10 a message) or a .zip with captions.")
+    lines.append(cost or "Post your images here (up to 10 a message) or a .zip with captions.")
     embed = discord.Embed(title=clip(f"LoRA · {draft.name}", 256), description="\n".join(lines))
     files = []
     sheets = sorted((folder / ".intake").glob("contact_sheet*")) if folder.is_dir() else []
@@ -379,7 +392,10 @@ class SettingsModal(Served, discord.ui.Modal):
         self.cog, self.draft = cog, draft
         eff, family = effective(cog.bot, draft)
         res = eff.get("resolution") or (jobs.NATIVE.get(family, 512),) * 2
-        self.epochs = discord.ui.TextInput(label="Epochs", default=str(eff["max_train_epochs"]), max_length=5)
+        self.shown_epochs = str(eff["max_train_epochs"] or "")
+        self.epochs = discord.ui.TextInput(
+            label="Epochs", default=self.shown_epochs, required=False, max_length=5
+        )
         self.repeats = discord.ui.TextInput(
             label="Repeats per image", default=str(repeats(draft)), max_length=4
         )
@@ -396,12 +412,14 @@ class SettingsModal(Served, discord.ui.Modal):
     async def on_submit(self, ix: discord.Interaction) -> None:
         dim, _, alpha = self.dim.value.partition("/")
         changes = {
-            "max_train_epochs": self.epochs.value,
             "network_dim": dim,
             "network_alpha": alpha or dim,
             "learning_rate": self.lr.value,
             "resolution": self.resolution.value,
         }
+        # Epochs untouched are not set again: that would replace a max_train_steps set with /train-set.
+        if self.epochs.value.strip() and self.epochs.value.strip() != self.shown_epochs:
+            changes["max_train_epochs"] = self.epochs.value
         await self.cog.apply_settings(ix, self.draft.id, changes, self.repeats.value)
 
 
@@ -559,15 +577,21 @@ class Cog(commands.Cog, name="Cog_train"):
             await say(ix, "Training has started; its settings cannot change now.")
             return
         s = draft.settings_dict
-        train = dict(s.get("train", {}))
+        given: dict[str, Any] = {}
         for key, raw in changes.items():
             if key in RESERVED:
                 await say(ix, f"`{key}` is set by /train itself.")
                 return
-            if str(raw).strip().lower() == "default":
-                train.pop(key, None)
-            else:
-                train[key] = parse_value(str(raw).strip())
+            given[key] = parse_value(str(raw).strip())
+            if key == "sample_prompts" and names_prompt_file(given[key]):
+                # A path would be read on the server's disk: members write their prompts here instead.
+                await say(ix, "Not changed: sample_prompts takes prompts here, not a file name.")
+                return
+        # What the member sets last wins: a new max_train_steps replaces an older max_train_epochs.
+        train = layer_settings(s.get("train", {}), given)
+        for key, value in given.items():
+            if isinstance(value, str) and value.lower() == "default":
+                train.pop(key)
         if new_repeats is not None:
             try:
                 n = int(new_repeats)
@@ -865,13 +889,16 @@ class Cog(commands.Cog, name="Cog_train"):
             self.edit_progress(draft, f"⚙️ **{draft.name}** · {event.message}")
         elif isinstance(event, ProgressEvent):
             frac = event.step / max(event.total_steps, 1)
+            epochs = f"/{event.total_epochs}" if event.total_epochs else ""
             self.edit_progress(
                 draft,
-                f"🏋️ **{draft.name}** · epoch {event.epoch} · step {event.step}/{event.total_steps} · "
+                f"🏋️ **{draft.name}** · epoch {event.epoch}{epochs} · step {event.step}/{event.total_steps} · "
                 f"loss {event.loss:.4f} · ETA {duration(event.eta_s)}\n{bar(frac)} {frac:.0%}",
             )
         elif isinstance(event, EpochEvent):
             await self._post_epoch(job, draft, thread, event)
+        elif isinstance(event, SamplesEvent):
+            await self._post_samples(draft, thread, event)
         elif isinstance(event, DoneEvent):
             await self._post_done(job, draft, thread, event)
         elif isinstance(event, FailedEvent):
@@ -919,6 +946,20 @@ class Cog(commands.Cog, name="Cog_train"):
             note = " (previews are not shown in channels that are not marked NSFW)"
         text = f"📦 **{draft.name}** · epoch {event.epoch} saved{note}" + "".join(f"\n{u}" for u in links)
         await thread.send(text, files=files, view=view, nonce=outbox_nonce())
+
+    async def _post_samples(
+        self, draft: state.Draft, thread: discord.PartialMessageable, event: SamplesEvent
+    ) -> None:
+        """Previews of a moment that was not saved: the images alone, nothing to pick or download."""
+        spoiler = self._spoiler(draft.thread_id)
+        if spoiler is None or not event.sample_images:
+            return  # the saved epochs' messages already say why previews are not shown here
+        when = f"epoch {event.epoch}" if event.end_of_epoch else f"step {event.step}"
+        out = Path(event.sample_images[0]).parent / f"preview-step{event.step:06d}.png"
+        await asyncio.to_thread(_grid, [event.sample_images], [when], event.sample_prompts, out)
+        files, links = files_or_links(self.bot, [str(out)], spoiler)
+        text = f"🖼️ **{draft.name}** · preview at {when} (not saved)" + "".join(f"\n{u}" for u in links)
+        await thread.send(text, files=files)
 
     async def _post_done(
         self, job: store.Job, draft: state.Draft, thread: discord.PartialMessageable, event: DoneEvent
