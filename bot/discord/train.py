@@ -959,7 +959,7 @@ class Cog(commands.Cog, name="Cog_train"):
         await asyncio.to_thread(_grid, [event.sample_images], [when], event.sample_prompts, out)
         files, links = files_or_links(self.bot, [str(out)], spoiler)
         text = f"🖼️ **{draft.name}** · preview at {when} (not saved)" + "".join(f"\n{u}" for u in links)
-        await thread.send(text, files=files)
+        await thread.send(text, files=files, nonce=outbox_nonce())
 
     async def _post_done(
         self, job: store.Job, draft: state.Draft, thread: discord.PartialMessageable, event: DoneEvent
