@@ -139,7 +139,9 @@ def parse_train(bot: commands.Bot, draft: state.Draft, overrides: dict[str, Any]
 def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[discord.File], discord.ui.View]:
     folder = dataset_dir(bot, draft)
     sub = subset_dir(folder) if folder.is_dir() else None
-    images, weighted = dataset_images(folder) if folder.is_dir() else (0, 0)
+    images, _ = dataset_images(folder) if folder.is_dir() else (0, 0)
+    # The folder is renamed to the draft's repeats only at Start: count with the draft's, as the job will.
+    weighted = images * repeats(draft)
     report = folder / ".intake" / "report.json"
     flags = 0
     if report.is_file():
