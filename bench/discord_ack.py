@@ -40,7 +40,7 @@ async def measure(members: int, rounds: int) -> dict[str, Any]:
             path = Path(tmp) / "server.toml"
             path.write_text(
                 f'[workers]\ndevices = ["cpu"]\n[bases]\ntiny = "tiny:sd15"\n'
-                f"[quota]\nqueued_jobs = 1000\ndaily_gpu_seconds = 1e9\n[web]\nport = 0\n"
+                f'[quota]\nqueued_jobs = 1000\ndaily_gpu_seconds = "unlimited"\n[web]\nport = 0\n'
                 f'[discord]\napi_base = "{stub.api_base}"\ngateway = "{stub.gateway_url}"\n'
                 f"guilds = [{stub.guild_id}]\n",
                 encoding="utf-8",

@@ -56,7 +56,7 @@ def config(root: Path, members: int, workers: int):
     path.write_text(
         f'[store]\npath = "loracord.db"\n[data]\ndir = "data"\n'
         f'[workers]\ndevices = {["cpu"] * workers}\n[bases]\ntiny = "tiny:sd15"\n'
-        f"[quota]\nqueued_jobs = 100000\nconcurrent_jobs = 1\ndaily_gpu_seconds = 1e9\n"
+        f'[quota]\nqueued_jobs = "unlimited"\nconcurrent_jobs = 1\ndaily_gpu_seconds = "unlimited"\n'
         f"[scheduling]\npoll_seconds = 0.05\n".replace("'", '"'),
         encoding="utf-8",
     )
