@@ -59,7 +59,11 @@ def h(tmp_path_factory):
             server(root, stub, f'nsfw = "spoiler"\ntagger = "{tagger}"\n')
         )
         await stack.enter_async_context(stub.running(new_bot(cfg, db, scheduler, web)))
-        return cfg, db, web, stub.add_member("alice"), stub.add_member("bob")
+        alice, bob = stub.add_member("alice"), stub.add_member("bob")
+        # One server for the whole module: alice's drafts from every test stay open, past the
+        # default cap of 3 (the cap itself: test_faults_limits), as an admin's override allows.
+        store.set_quota_override(db, "member", str(alice.id), "open_drafts", 10)
+        return cfg, db, web, alice, bob
 
     with asyncio.Runner() as runner:
         try:
