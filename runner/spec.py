@@ -836,26 +836,7 @@ class ImagesEvent(_Spec):
     seconds: float = Field(description=_OWN_SECONDS)
 
 
-Event = Annotated[
-    StageEvent
-    | ProgressEvent
-    | EpochEvent
-    | SamplesEvent
-    | DoneEvent
-    | FailedEvent
-    | TaggedEvent
-    | ImagesEvent,
-    Field(discriminator="type"),
-]
-
-
-class _EventBox(BaseModel):
-    event: Event
-
-
-def parse_event(
-    line: str | dict[str, Any],
-) -> (
+AnyEvent = (
     StageEvent
     | ProgressEvent
     | EpochEvent
@@ -864,7 +845,15 @@ def parse_event(
     | FailedEvent
     | TaggedEvent
     | ImagesEvent
-):
+)
+Event = Annotated[AnyEvent, Field(discriminator="type")]
+
+
+class _EventBox(BaseModel):
+    event: Event
+
+
+def parse_event(line: str | dict[str, Any]) -> AnyEvent:
     data = json.loads(line) if isinstance(line, str) else line
     return _EventBox.model_validate({"event": data}).event
 
