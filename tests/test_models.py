@@ -339,7 +339,7 @@ def test_pickled_checkpoints_are_never_opened(tmp_path):
 
 @pytest.mark.parametrize("name", ["/no/such/model.safetensors", "sd15", "tiny:", "some/hub-repo"])
 def test_unknown_names_list_what_is_accepted(name):
-    with pytest.raises(ModelError, match="unknown base model .* tiny:sd15, tiny:sdxl, random:sd15"):
+    with pytest.raises(ModelError, match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, random:sd15"):
         load_base(name)
 
 
