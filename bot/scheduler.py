@@ -220,8 +220,7 @@ class Scheduler:
         except jobs.JobError:
             return  # cancelled meanwhile
         store.add_event(self.db, job.id, event.type, event.model_dump(mode="json"))
-        store.add_post(self.db, job.id, event.model_dump(mode="json"))  # the member hears of it
-        await self._tell(store.get_job(self.db, job.id), event)
+        await self._publish(job.id, event)  # the member hears of it
 
     async def _start(self, job: store.Job, worker: str, spec: dict[str, Any]) -> bool:
         try:
@@ -292,12 +291,14 @@ class Scheduler:
         if event.type in FINAL:
             self._finish(job, event)
             self._release(msg.worker, [job.id])
-        if not isinstance(event, ProgressEvent):
-            store.add_post(self.db, job.id, event.model_dump(mode="json"))  # for the bot to deliver
         self.timing.handle_s.append(time.perf_counter() - started)
-        await self._tell(store.get_job(self.db, job.id), event)
+        await self._publish(job.id, event)
 
-    async def _tell(self, job: store.Job, event: Any) -> None:
+    async def _publish(self, job_id: int, event: Any) -> None:
+        """Hand a recorded event on: to the Discord outbox (all but progress), then to listeners."""
+        if not isinstance(event, ProgressEvent):
+            store.add_post(self.db, job_id, event.model_dump(mode="json"))
+        job = store.get_job(self.db, job_id)
         for listener in self.listeners:
             result = listener(job, event)
             if asyncio.iscoroutine(result):

@@ -415,6 +415,11 @@ def next_post_at(db: Database) -> float | None:
     return row[0]
 
 
+def retry_posts_now(db: Database) -> None:
+    """Cut every waiting post's back-off short (Discord answers again)."""
+    db.execute("UPDATE discord_outbox SET next_at = 0 WHERE sent_at IS NULL AND dropped = 0")
+
+
 def post_sent(db: Database, post_id: int) -> None:
     db["discord_outbox"].update(post_id, {"sent_at": time.time(), "error": None})
 

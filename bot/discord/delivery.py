@@ -69,7 +69,7 @@ class Courier:
 
     def retry_now(self) -> None:
         """Discord is back (the gateway reconnected): try what waits without the rest of its back-off."""
-        self.bot.db.execute("UPDATE discord_outbox SET next_at = 0 WHERE sent_at IS NULL AND dropped = 0")
+        store.retry_posts_now(self.bot.db)
         self._wake.set()
 
     async def _run(self) -> None:
