@@ -77,6 +77,8 @@ async def test_an_outage_holds_up_no_job_and_each_result_is_posted_once(tmp_path
             stub.end_outage()
             posted = await stub.wait_until(lambda: image_posts(stub), 60, "the images after the outage")
             await stub.wait_until(lambda: pending_posts(db) == 0, 30, "an empty outbox")
+            # discord.py cannot stop while it waits out its reconnect back-off: let it reconnect.
+            await stub.wait_until(lambda: web.discord_connected, 120, "the gateway back")
     assert len(image_posts(stub)) == 1 and f"<@{alice.id}>" in posted[0].content
     assert stub.violations == []
 
