@@ -1,4 +1,4 @@
-"""``/gen`` latency through ``runner.generate`` on the worker's warm pipeline cache.
+"""``/gen`` latency through ``runner.gen.generate`` on the worker's warm pipeline cache.
 
 Three LoRAs are trained first (one step an epoch, three epochs) on the prepared base, then:
 
@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.generate import generate
-from runner.pipelines import PipelineCache
+from runner.gen.generate import generate
+from runner.gen.pipelines import PipelineCache
 from runner.selftest import make_demo_dataset
 from runner.spec import GenSpec, LoraWeight, TrainSpec
-from runner.train import train
+from runner.train.loop import train
 
 from .common import emit, log, peak_vram_mib, reset_peak
 from .prepare import load_prepared

@@ -1,4 +1,4 @@
-"""Dataset intake throughput (images/s) through ``runner.intake.build_dataset``: loose files and a zip.
+"""Dataset intake throughput (images/s) through ``runner.data.intake.build_dataset``: loose files and a zip.
 
 The uploads are generated photos-like JPEGs (all different, so none is dropped as a duplicate),
 each with a caption file, as a member's phone sends them.
@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from runner.intake import build_dataset
+from runner.data.intake import build_dataset
 from runner.spec import IntakeSpec
 
 from .common import emit

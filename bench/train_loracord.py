@@ -1,4 +1,4 @@
-"""loracord's trainer (``runner.train.train``) on a prepared base and data set.
+"""loracord's trainer (``runner.train.loop.train``) on a prepared base and data set.
 
 Prints one record: steady-state samples/s from the ProgressEvents (timed as they arrive), time to
 the first preview image (model load included), total seconds, and the allocator's peak VRAM.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.spec import EpochEvent, ProgressEvent, StageEvent, TrainSpec
-from runner.train import train
+from runner.train.loop import train
 
 from .common import SHARED, StepClock, emit, log, peak_vram_mib, reset_peak
 from .prepare import Prepared, load_prepared

@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from runner.images import image_files, is_hidden
+from runner.data.images import image_files, is_hidden
 from runner.spec import SpecError
 
 _REPEATS_FOLDER = re.compile(r"(\d+)_.*", re.S)
@@ -79,7 +79,7 @@ def member_path(data_dir: Path, member: str, *parts: str) -> Path:
 def dataset_images(folder: Path, default_repeats: int = 1) -> tuple[int, int]:
     """(images, images × repeats) of a kohya-layout folder, for estimates before training.
 
-    The repeats rule is runner.dataset's (the nearest ``N_name`` folder above an image), which
+    The repeats rule is runner.data.dataset's (the nearest ``N_name`` folder above an image), which
     cannot be imported here because it loads torch.
     """
     images, _ = image_files(folder)

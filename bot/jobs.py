@@ -21,9 +21,9 @@ from typing import Any
 from pydantic import ValidationError
 from sqlite_utils import Database
 
-from runner.presets import with_preset
-from runner.sample_prompts import default_sample_prompts, read_sample_prompt
+from runner.gen.sample_prompts import default_sample_prompts, read_sample_prompt
 from runner.spec import RunLength, SpecError, TagSpec, TrainSpec
+from runner.train.presets import with_preset
 
 from . import store
 from .config import Config, ConfigError, Quota, QuotaOverride
@@ -225,7 +225,7 @@ def estimate_train(db: Database, cfg: Config, spec: TrainSpec, family: str, weig
 
 
 def preview_rounds(s: TrainSpec, length: RunLength) -> int:
-    """How many times the trainer renders the previews (runner.train's rule, independent of saving):
+    """How many times the trainer renders the previews (runner.train.loop's rule, independent of saving):
     every sample_every_n_steps-th step, or every N-th epoch and the last, and once first if asked."""
     every = s.sample_epochs_every()
     rounds = int(s.sample_at_first)

@@ -1,0 +1,1 @@
+"""The GPU side: jobs described by ``runner.spec`` in, events out; never imports ``bot``."""

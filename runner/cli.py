@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (SpecError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .train import train
+    from .train.loop import train
 
     emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
     result = train(spec, emit)
@@ -139,7 +139,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .intake import build_dataset
+    from .data.intake import build_dataset
 
     report = build_dataset(spec)
     if args.json:
@@ -179,7 +179,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .tagger import tag_dataset
+    from .data.tagger import tag_dataset
 
     emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
     result = tag_dataset(spec, emit)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .infotext import parse_parameters
+from .formats.infotext import parse_parameters
 from .spec import FailedEvent, GenSampler, GenSpec, ImagesEvent, SpecError
 
 BASE_HELP = "tiny:sd15, tiny:sdxl, tiny:flux, random:…, a .safetensors file or a diffusers folder"
@@ -79,8 +79,8 @@ def cmd_gen(args: argparse.Namespace) -> int:
         )
     except SpecError as e:
         return _fail(str(e))
-    from .generate import run_gen
-    from .pipelines import PipelineCache
+    from .gen.generate import run_gen
+    from .gen.pipelines import PipelineCache
 
     result = run_gen(spec, PipelineCache(args.device), _print_json if args.json else lambda e: None)
     if isinstance(result, FailedEvent):
@@ -102,10 +102,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         template = GenSpec.parse({**_settings(args), "prompt": "", "output_dir": str(Path(args.out).parent)})
     except SpecError as e:
         return _fail(str(e))
-    from .generate import lora_grid, save_png
-    from .lora_io import LoraFileError
-    from .models import ModelError
-    from .pipelines import PipelineCache
+    from .families.models import ModelError
+    from .formats.kohya import LoraFileError
+    from .gen.generate import lora_grid, save_png
+    from .gen.pipelines import PipelineCache
 
     try:
         grid = lora_grid(template, args.name, args.weights, args.prompt, PipelineCache(args.device), epochs)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .lora_io import read_lora
+from .formats.kohya import read_lora
 from .spec import DoneEvent, EpochEvent, TrainSpec
 
 
@@ -36,7 +36,7 @@ def selftest(family: str = "sd15") -> int:
         checks.append((what, ok))
         print(f"  [{'ok' if ok else 'FAIL'}] {what}")
 
-    from .train import train
+    from .train.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_demo_dataset(Path(tmp) / "data")

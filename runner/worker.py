@@ -69,8 +69,8 @@ class Worker:
 
     def generate(self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event) -> Any:
         """One gen job on this worker's warm pipelines; returns (and emits) ImagesEvent or FailedEvent."""
-        from .generate import run_gen
-        from .pipelines import PipelineCache
+        from .gen.generate import run_gen
+        from .gen.pipelines import PipelineCache
 
         if self.pipelines is None:
             self.pipelines = PipelineCache(self.device)
@@ -189,11 +189,11 @@ class Worker:
         elif isinstance(spec, GenSpec):
             self.generate(spec, emit, cancel)
         elif isinstance(spec, TagSpec):
-            from .tagger import tag_dataset  # onnxruntime loads only for a tag job
+            from .data.tagger import tag_dataset  # onnxruntime loads only for a tag job
 
             tag_dataset(spec, emit, cancel)
         else:
-            from .train import train  # torch loads only when there is work to do
+            from .train.loop import train  # torch loads only when there is work to do
 
             train(spec, emit, cancel, self.device)
 

@@ -20,7 +20,7 @@ from bot.discord.app import LoracordBot
 from bot.dispatch import make_dispatcher
 from bot.scheduler import Scheduler
 from bot.web import WebServer
-from runner.infotext import parse_parameters
+from runner.formats.infotext import parse_parameters
 
 
 def async_test(fn):

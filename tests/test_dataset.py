@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runner.dataset import (
+from runner.data.dataset import (
     CaptionRules,
     Dataset,
     DatasetError,

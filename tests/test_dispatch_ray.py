@@ -28,9 +28,9 @@ from bot.dispatch import WorkerEvent, make_dispatcher  # noqa: E402
 from bot.dispatch.raycluster import CHUNK_BYTES, Place, RayDispatcher, places, rewrite  # noqa: E402
 from bot.files import member_path  # noqa: E402
 from bot.scheduler import Scheduler  # noqa: E402
+from runner.data.tagger import tag_dataset  # noqa: E402
 from runner.selftest import make_demo_dataset  # noqa: E402
 from runner.spec import FailedEvent, TagSpec  # noqa: E402
-from runner.tagger import tag_dataset  # noqa: E402
 from runner.worker import Worker  # noqa: E402
 
 

@@ -37,7 +37,7 @@ from runner.spec import (
     TaggedEvent,
     TrainSpec,
 )
-from runner.train import train
+from runner.train.loop import train
 
 NAME_LIMIT = 255  # bytes in one file name on ext4, btrfs, XFS, APFS
 

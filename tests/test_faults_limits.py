@@ -31,7 +31,7 @@ from bot.dispatch import WorkerEvent
 from bot.files import member_path
 from bot.scheduler import Scheduler
 from bot.web import WebServer
-from runner.intake import build_dataset
+from runner.data.intake import build_dataset
 from runner.selftest import make_demo_dataset
 from runner.spec import EpochEvent, FailedEvent, ImagesEvent, IntakeSpec
 

@@ -343,12 +343,14 @@ def test_a_job_recovered_after_a_bot_restart_is_charged_up_to_its_last_event(tmp
 
 def test_a_failing_lazy_import_before_the_job_proper_ends_the_job(tmp_path, monkeypatch):
     make_demo_dataset(tmp_path / "ds", count=1, repeats=1)
-    monkeypatch.setitem(sys.modules, "runner.tagger", None)  # its import now raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "runner.data.tagger", None)  # its import now raises ModuleNotFoundError
     worker, emitted = Worker(), []
     job = {"type": "tag", "id": 1, "spec": {"train_data_dir": str(tmp_path / "ds"), "mode": "keep"}}
     result = worker.run(job, emitted.append)
     assert (
-        emitted == [result] and result.kind == "error" and "import of runner.tagger halted" in result.reason
+        emitted == [result]
+        and result.kind == "error"
+        and "import of runner.data.tagger halted" in result.reason
     )
-    monkeypatch.delitem(sys.modules, "runner.tagger")
+    monkeypatch.delitem(sys.modules, "runner.data.tagger")
     assert isinstance(worker.run({**job, "id": 2}, emitted.append), TaggedEvent)

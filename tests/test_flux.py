@@ -15,17 +15,17 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runner.flux import FlowMatching, store_fp8
-from runner.flux_keys import diffusers_state_dict
-from runner.generate import gen_images
-from runner.lora_io import effective_delta, kohya_state_dict
-from runner.models import load_base
-from runner.network import add_lora, lora_modules
-from runner.objectives import Batch
-from runner.pipelines import PipelineCache
+from runner.families.flux import FlowMatching, store_fp8
+from runner.families.models import load_base
+from runner.formats.flux_keys import diffusers_state_dict
+from runner.formats.kohya import effective_delta, kohya_state_dict
+from runner.gen.generate import gen_images
+from runner.gen.pipelines import PipelineCache
 from runner.selftest import make_demo_dataset
 from runner.spec import DoneEvent, FailedEvent, GenSpec, SpecError, TrainSpec
-from runner.train import concrete_spec, train
+from runner.train.loop import concrete_spec, train
+from runner.train.network import add_lora, lora_modules
+from runner.train.objectives import Batch
 
 
 def spec_for(**settings) -> TrainSpec:
@@ -107,7 +107,7 @@ def test_fused_kohya_modules_hold_exactly_the_trained_weights():
 
 
 def _bfl(name: str) -> str:
-    from runner.flux_keys import kohya_module
+    from runner.formats.flux_keys import kohya_module
 
     return kohya_module(name)[0]
 
@@ -129,7 +129,7 @@ def transformer_output(base, seed: int = 0) -> torch.Tensor:
 
 
 def pipeline_of(base) -> FluxPipeline:
-    from runner.flux import flux_pipeline
+    from runner.families.flux import flux_pipeline
 
     return flux_pipeline(base)
 
@@ -344,7 +344,7 @@ def test_training_writes_kohya_flux_files_with_metadata_and_previews(trained):
 
 
 def test_clip_l_trained_caches_t5_alone_and_only_clip_l_runs_in_a_step(tmp_path, data, monkeypatch):
-    from runner import train as train_module
+    import runner.train.loop as train_module
 
     log: list = []  # the trainer's events and each text encoder's forward calls, in order
 
@@ -403,7 +403,7 @@ def test_fp8_base_stores_the_frozen_transformer_in_fp8_and_trains_lora_in_fp32()
 
 
 def test_fp8_base_loads_in_bf16_and_is_fp8_before_it_reaches_the_device(tmp_path, data, monkeypatch):
-    from runner import train as train_module
+    import runner.train.loop as train_module
 
     loaded: list = []
     moves: list = []  # (the dtype of a frozen transformer weight, the .to() call's arguments)
@@ -479,7 +479,7 @@ def test_full_size_flux_lora_trains_on_the_gpu_and_loads_in_diffusers(tmp_path, 
     only knows FLUX.1's sizes) reading a full-size file, single blocks included, as peft computes."""
     import time
 
-    from runner import train as train_module
+    import runner.train.loop as train_module
 
     with torch.device("cuda"):  # random init of 17B parameters takes seconds here, minutes on a CPU
         base = load_base("random:flux", flux_dtype=torch.bfloat16)

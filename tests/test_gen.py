@@ -11,14 +11,14 @@ import torch
 from PIL import Image
 
 from runner.cli import main as cli_main
-from runner.generate import epoch_files, gen_images, lora_grid
-from runner.grid import image_grid
-from runner.infotext import LoraTag, parse_parameters, split_lora_tags
-from runner.lora_io import effective_delta, kohya_name, kohya_state_dict, lora_hashes
-from runner.models import load_base
-from runner.network import add_lora
-from runner.pipelines import PipelineCache
+from runner.families.models import load_base
+from runner.formats.infotext import LoraTag, parse_parameters, split_lora_tags
+from runner.formats.kohya import effective_delta, kohya_name, kohya_state_dict, lora_hashes
+from runner.gen.generate import epoch_files, gen_images, lora_grid
+from runner.gen.grid import image_grid
+from runner.gen.pipelines import PipelineCache
 from runner.spec import FailedEvent, GenSpec, ImagesEvent, SpecError, TrainSpec
+from runner.train.network import add_lora
 from runner.worker import Worker
 
 VERSION = version("loracord")

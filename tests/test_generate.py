@@ -13,7 +13,8 @@ from diffusers import (
 from peft import LoraConfig
 from PIL import Image
 
-from runner.generate import (
+from runner.families.models import load_base
+from runner.gen.generate import (
     DEFAULT_NEGATIVE,
     SAMPLERS,
     SamplePrompt,
@@ -24,7 +25,6 @@ from runner.generate import (
     resolve_sampler,
     save_png,
 )
-from runner.models import load_base
 from runner.spec import GenSampler, SampleSampler
 
 DEFAULTS = dict(width=64, height=64, steps=2, sampler="euler_a", seed=7)

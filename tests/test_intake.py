@@ -27,8 +27,8 @@ from corpus import (
 )
 from PIL import Image
 
-from runner.dataset import load_dataset
-from runner.intake import IntakeReport, build_dataset
+from runner.data.dataset import load_dataset
+from runner.data.intake import IntakeReport, build_dataset
 from runner.spec import IntakeSpec, SpecError, TrainSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def test_heic_without_the_decoder_is_refused_clearly(tmp_path):
     picture(41).save(tmp_path / "IMG_0002.HEIC", format="HEIF")
     code = (
         "import sys, json; sys.modules['pillow_heif'] = None\n"
-        "from runner.intake import build_dataset; from runner.spec import IntakeSpec\n"
+        "from runner.data.intake import build_dataset; from runner.spec import IntakeSpec\n"
         f"r = build_dataset(IntakeSpec.parse({{'sources': [{str(tmp_path / 'IMG_0002.HEIC')!r}], "
         f"'output_dir': {str(tmp_path / 'out')!r}}}))\n"
         "print(json.dumps([r.entries[0].status, r.entries[0].reason]))"

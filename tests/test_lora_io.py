@@ -11,9 +11,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 
-from runner import lora_io
-from runner.ldm_keys import base_to_ldm, save_pipeline, unet_to_ldm
-from runner.lora_io import (
+from runner.families.models import load_base
+from runner.formats import kohya as lora_io
+from runner.formats.kohya import (
     LoraFileError,
     TrainingFacts,
     effective_delta,
@@ -24,9 +24,9 @@ from runner.lora_io import (
     save_lora,
     training_metadata,
 )
-from runner.models import load_base
-from runner.network import ADAPTER, add_lora, lora_modules
+from runner.formats.ldm import base_to_ldm, save_pipeline, unet_to_ldm
 from runner.spec import TrainSpec
+from runner.train.network import ADAPTER, add_lora, lora_modules
 
 
 def make_spec(family: str = "sd15", **kw) -> TrainSpec:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runner.ldm_keys import base_to_ldm, save_pipeline
-from runner.models import Base, ModelError, _file_hashes, clip_tokenizer, load_base
+from runner.families.models import Base, ModelError, _file_hashes, clip_tokenizer, load_base
+from runner.formats.ldm import base_to_ldm, save_pipeline
 
 FAMILIES = ["sd15", "sdxl"]
 
@@ -285,7 +285,7 @@ SDXL_KEYS = {
 
 @pytest.mark.parametrize(("keys", "family"), [(SD15_KEYS, "sd15"), (SDXL_KEYS, "sdxl")])
 def test_family_is_read_from_the_keys(tmp_path, keys, family):
-    from runner.models import detect_family
+    from runner.families.models import detect_family
 
     assert detect_family(Path(write_keys(tmp_path / "m.safetensors", keys))) == family
 
@@ -339,7 +339,9 @@ def test_pickled_checkpoints_are_never_opened(tmp_path):
 
 @pytest.mark.parametrize("name", ["/no/such/model.safetensors", "sd15", "tiny:", "some/hub-repo"])
 def test_unknown_names_list_what_is_accepted(name):
-    with pytest.raises(ModelError, match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, random:sd15"):
+    with pytest.raises(
+        ModelError, match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, random:sd15"
+    ):
         load_base(name)
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import Transformer2DModel
 
-from runner.models import load_base
-from runner.network import (
+from runner.families.models import load_base
+from runner.spec import TrainSpec
+from runner.train.network import (
     ADAPTER,
     add_lora,
     block_lr_weights,
@@ -16,7 +17,6 @@ from runner.network import (
     param_groups,
     unet_block,
 )
-from runner.spec import TrainSpec
 
 
 def make_spec(family: str = "sd15", **kw) -> TrainSpec:

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.models import load_base
-from runner.objectives import Batch, NoisePrediction, pyramid_noise
+from runner.families.clip_text import Conditioning
+from runner.families.models import load_base
 from runner.spec import TrainSpec
-from runner.text import Conditioning
+from runner.train.objectives import Batch, NoisePrediction, pyramid_noise
 
 
 def kohya_pyramid_noise_like(noise, device, iterations=6, discount=0.4):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from runner.optimizers import make_optimizer
 from runner.spec import TrainSpec
+from runner.train.optimizers import make_optimizer
 
 
 def spec(**kw) -> TrainSpec:

@@ -30,9 +30,9 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from runner.models import load_base
+from runner.families.models import load_base
 from runner.spec import DoneEvent, TrainSpec
-from runner.train import Trainer
+from runner.train.loop import Trainer
 
 SEED = 42  # TrainSpec's default seed
 STEPS = 2

@@ -18,8 +18,8 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
+from runner.data.tagger import Tagger, TaggerError, format_tag, prepare, resolve_tagger, tag_dataset  # noqa: E402
 from runner.spec import FailedEvent, TaggedEvent, TagSpec, parse_event  # noqa: E402
-from runner.tagger import Tagger, TaggerError, format_tag, prepare, resolve_tagger, tag_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, category) in selected_tags.csv order; the tiny model's 2×2 BGR input holds one probability per tag.

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from runner.models import load_base
-from runner.text import encode_prompts, parse_weighted
+from runner.families.clip_text import encode_prompts, parse_weighted
+from runner.families.models import load_base
 
 
 @pytest.fixture(scope="module")

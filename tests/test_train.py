@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from runner.models import load_base
-from runner.objectives import NoisePrediction
+from runner.families.models import load_base
 from runner.selftest import make_demo_dataset
 from runner.spec import (
     DoneEvent,
@@ -32,7 +31,8 @@ from runner.spec import (
     TrainSpec,
     text_encoding,
 )
-from runner.train import Trainer, concrete_spec, train
+from runner.train.loop import Trainer, concrete_spec, train
+from runner.train.objectives import NoisePrediction
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +455,7 @@ def test_cuda_paths(tmp_path, data, settings):
 @pytest.fixture
 def hooked_base(monkeypatch):
     """Load the real base as the trainer does, then let a test hook into its modules."""
-    import runner.train as train_module
+    import runner.train.loop as train_module
 
     loaded, hooks = [], []
     original = train_module.load_base

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import runner.train
+import runner.train.loop
 from runner.selftest import make_demo_dataset
 from runner.spec import (
     DoneEvent,
@@ -27,7 +27,7 @@ from runner.spec import (
     TrainSpec,
     parse_event,
 )
-from runner.train import train
+from runner.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_the_members_max_train_steps_beats_the_presets_epochs(tmp_path, data):
 
 
 def test_preset_epochs_apply_when_the_member_set_no_run_length():
-    from runner.presets import with_preset
+    from runner.train.presets import with_preset
 
     base = {"base": "tiny:sd15", "train_data_dir": ".", "output_dir": ".", "output_name": "n"}
     preset = TrainSpec.parse(with_preset(TrainSpec.parse({**base, "preset": "concept"}), "sd15"))
@@ -246,7 +246,7 @@ def _prompt_files(folder: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind", ["txt", "toml", "json"])
 def test_sample_prompt_files_are_read_with_kohyas_syntax(tmp_path, kind):
-    from runner.generate import parse_sample_prompt
+    from runner.gen.generate import parse_sample_prompt
 
     path = _prompt_files(tmp_path)[kind]
     spec = TrainSpec.parse(
@@ -350,7 +350,7 @@ def test_sample_every_n_epochs_and_steps_together_are_refused():
 
 def test_progress_loss_is_the_mean_of_the_steps_micro_batches(tmp_path, data, monkeypatch):
     losses: list[float] = []
-    make = runner.train.make_objective
+    make = runner.train.loop.make_objective
 
     def recording(*args, **kwargs):
         objective = make(*args, **kwargs)
@@ -364,7 +364,7 @@ def test_progress_loss_is_the_mean_of_the_steps_micro_batches(tmp_path, data, mo
         objective.loss = spy
         return objective
 
-    monkeypatch.setattr(runner.train, "make_objective", recording)
+    monkeypatch.setattr(runner.train.loop, "make_objective", recording)
     _, events = run(tmp_path, data, max_train_epochs=1, gradient_accumulation_steps=3)
     # 4 micro-batches an epoch in steps of 3: the second step has only the fourth.
     first, second = of(events, ProgressEvent)

@@ -10,7 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from runner.infotext import lora_tag, parse_parameters, split_lora_tags
+from runner.formats.infotext import lora_tag, parse_parameters, split_lora_tags
 from runner.spec import FailedEvent, GenSampler, ImagesEvent, StageEvent
 
 from .. import jobs, store

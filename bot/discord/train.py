@@ -25,9 +25,9 @@ from discord.ext import commands, tasks
 from PIL import Image
 
 from runner.cli import parse_value
-from runner.grid import image_grid
-from runner.intake import build_dataset
-from runner.presets import preset_settings
+from runner.data.intake import build_dataset
+from runner.data.tagger import compose, split_caption
+from runner.gen.grid import image_grid
 from runner.spec import (
     DoneEvent,
     EpochEvent,
@@ -44,7 +44,7 @@ from runner.spec import (
     names_prompt_file,
     text_encoding,
 )
-from runner.tagger import compose, split_caption
+from runner.train.presets import preset_settings
 
 from .. import jobs, store
 from ..config import ConfigError
@@ -81,7 +81,7 @@ RESERVED = {"base", "output_name", "train_data_dir", "output_dir", "resume", "tr
 TAG_PAGE = 25  # Discord's limit of options in a select
 _SUBSET_DIR = re.compile(rf"(\d+)_{SUBSET}")
 _CHILDREN = multiprocessing.get_context("forkserver")
-_CHILDREN.set_forkserver_preload(["runner.intake"])
+_CHILDREN.set_forkserver_preload(["runner.data.intake"])
 _CHUNK = 1 << 16  # bytes an attachment is written to disk by, never held whole in memory
 _SWEEP_MINUTES = 60
 FROZEN = "Training has started: its images and captions are frozen. Start a new /train to change them."
@@ -145,7 +145,7 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
     report = folder / ".intake" / "report.json"
     flags = 0
     if report.is_file():
-        from runner.intake import IntakeReport
+        from runner.data.intake import IntakeReport
 
         flags = sum(1 for e in IntakeReport.model_validate_json(report.read_text()).entries if e.warnings)
     s = draft.settings_dict

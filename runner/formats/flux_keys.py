@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .network import LoraModule
+from ..train.network import LoraModule
 
 _DOUBLE = {
     "attn.to_q": ("img_attn_qkv", 0),
@@ -134,7 +134,7 @@ def diffusers_state_dict(
     CLIP-L (``lora_te1_``); FluxPipeline.load_lora_weights loads the result as is. Raises ValueError
     naming keys that fit none of the modules.
     """
-    from .lora_io import kohya_name  # here: lora_io imports this module to save Flux files
+    from .kohya import kohya_name  # here: lora_io imports this module to save Flux files
 
     targets: dict[str, list[tuple[str, int]]] = {}
     for path, module in transformer.named_modules():

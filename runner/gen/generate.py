@@ -1,9 +1,9 @@
 """Text-to-image with the live base model: preview samples during training (and, later, ``/gen``).
 
-A :class:`Sampler` wraps one diffusers pipeline around a :class:`~runner.models.Base`'s own
+A :class:`Sampler` wraps one diffusers pipeline around a :class:`~runner.families.models.Base`'s own
 modules, so the images show the LoRA adapter being trained without copying any weights. Prompts
 use kohya's sample-prompt syntax (``a photo of sks --n lowres --w 512 --h 768 --d 42 --l 7 --s 20``),
-are encoded by :func:`runner.text.encode_prompts` (A1111's ``(word:1.2)`` emphasis, prompts longer
+are encoded by :func:`runner.families.clip_text.encode_prompts` (A1111's ``(word:1.2)`` emphasis, prompts longer
 than 75 tokens in chunks), and every image carries A1111's ``parameters`` text.
 
 Samplers follow A1111's implementations, since that is where members compare images: the
@@ -43,13 +43,15 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .flux import flux_pipeline, t5_length
+from ..families.clip_text import encode_prompts
+from ..families.flux import flux_pipeline, t5_length
+from ..families.models import Base, ModelError
+from ..formats.infotext import format_parameters, lora_tag, split_lora_tags
+from ..formats.kohya import LoraFileError
+from ..outcome import Cancelled, run_to_event
+from ..spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SamplePromptSettings, SpecError
 from .grid import Grid, image_grid
-from .infotext import format_parameters, lora_tag, split_lora_tags
-from .lora_io import LoraFileError
 from .loras import FAMILY_NAMES, find_lora
-from .models import Base, ModelError
-from .outcome import Cancelled, run_to_event
 from .sample_prompts import (  # noqa: F401 (re-exported: the trainer and tests read them here)
     DEFAULT_NEGATIVE,
     MAX_SIDE,
@@ -57,8 +59,6 @@ from .sample_prompts import (  # noqa: F401 (re-exported: the trainer and tests 
     default_sample_prompts,
     read_sample_prompt,
 )
-from .spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SamplePromptSettings, SpecError
-from .text import encode_prompts
 
 if TYPE_CHECKING:
     from .pipelines import PipelineCache
@@ -138,7 +138,7 @@ def resolve_sampler(name: str) -> str:
 
 
 def parse_sample_prompt(entry: str | SamplePromptSettings, **defaults: Any) -> SamplePrompt:
-    """:func:`runner.sample_prompts.read_sample_prompt` (a prompt line or a prompt file's table)
+    """:func:`runner.gen.sample_prompts.read_sample_prompt` (a prompt line or a prompt file's table)
     with sampler names checked and resolved."""
     return read_sample_prompt(entry, resolve_sampler=resolve_sampler, **defaults)
 

@@ -2,7 +2,7 @@
 
 The trainer's loop is the same for every family; it asks its objective for these two things.
 SD1.5/SDXL predict noise (or v) on DDPM's schedule (:class:`NoisePrediction`); Flux trains by flow
-matching (:class:`runner.flux.FlowMatching`).
+matching (:class:`runner.families.flux.FlowMatching`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from .models import Base
-from .spec import TrainSpec
-from .text import Conditioning, encode_prompts
+from ..families.clip_text import Conditioning, encode_prompts
+from ..families.models import Base
+from ..spec import TrainSpec
 
 
 @dataclass
@@ -43,7 +43,7 @@ def make_objective(
 ) -> Objective:
     """The family's objective."""
     if base.family == "flux":
-        from .flux import FlowMatching
+        from ..families.flux import FlowMatching
 
         return FlowMatching(base, spec, device, autocast_dtype)
     return NoisePrediction(base, spec, device, autocast_dtype)

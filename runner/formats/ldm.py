@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .models import Base, _no_safety_checker, _pipeline_class
+from ..families.models import Base, _no_safety_checker, _pipeline_class
 
 _RESNET = (
     ("norm1", "in_layers.0"),

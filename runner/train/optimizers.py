@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .spec import SpecError, TrainSpec
+from ..spec import SpecError, TrainSpec
 
 # name → (module, class, pip package, default kwargs): the class kohya uses for that name.
 _OPTIMIZERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {

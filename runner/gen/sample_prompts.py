@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .spec import SamplePromptSettings
+    from ..spec import SamplePromptSettings
 
 MAX_SIDE = 4096
 DEFAULT_NEGATIVE = (
@@ -73,7 +73,7 @@ def parse_sample_prompt(
     (rounded down to a multiple of 8), ``--d`` seed, ``--l`` CFG scale, ``--g`` Flux guidance,
     ``--s`` steps (clamped to 1-1000 as kohya does), ``--ss`` sampler. Option letters are
     case-insensitive. Anything else raises ValueError with a message meant for the member who wrote
-    the line. ``resolve_sampler`` turns a sampler's name into its key (``runner.generate``'s, which
+    the line. ``resolve_sampler`` turns a sampler's name into its key (``runner.gen.generate``'s, which
     knows the samplers); without it the name is kept as written.
     """
     # The leading space lets a line of options alone (``--n lowres``) read as an empty prompt.

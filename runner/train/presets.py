@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec import Family, SpecError, TrainSpec, layer_settings
+from ..spec import Family, SpecError, TrainSpec, layer_settings
 
 _COMMON: dict[str, Any] = {
     "optimizer_type": "AdamW",

@@ -1,6 +1,6 @@
 """Flux.1 bases: the tiny and full-size random models, a diffusers folder, or a single-file transformer.
 
-A Flux :class:`~runner.models.Base` holds the transformer where SD bases hold their UNet
+A Flux :class:`~runner.families.models.Base` holds the transformer where SD bases hold their UNet
 (``base.unet``; kohya names both ``lora_unet``), CLIP-L and T5-XXL as its two text encoders, and
 Flux's 16-channel VAE. Nothing is downloaded: T5's SentencePiece vocabulary is not shipped with any
 package, so real checkpoints take theirs from a diffusers folder (``tokenizer_2/``); the tiny and

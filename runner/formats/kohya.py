@@ -28,11 +28,11 @@ import safetensors
 import safetensors.torch
 import torch
 
+from ..families.models import Base
+from ..spec import Family, TrainSpec
+from ..train.network import block_lr_weights, lora_modules
 from .flux_keys import KohyaModule, fuse
-from .ldm_keys import unet_module_to_ldm
-from .models import Base
-from .network import block_lr_weights, lora_modules
-from .spec import Family, TrainSpec
+from .ldm import unet_module_to_ldm
 
 
 class LoraFileError(ValueError):

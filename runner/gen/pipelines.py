@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from .flux_keys import diffusers_state_dict
+from ..families.models import Base, load_base
+from ..formats.flux_keys import diffusers_state_dict
+from ..formats.kohya import LoraFileError, lora_family, read_lora
+from ..spec import SpecError
 from .generate import Sampler
-from .lora_io import LoraFileError, lora_family, read_lora
 from .loras import FAMILY_NAMES, lora_short_hash
-from .models import Base, load_base
-from .spec import SpecError
 
 
 @dataclass

@@ -22,8 +22,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from .models import Base
-from .spec import Family, SpecError, TrainSpec
+from ..families.models import Base
+from ..spec import Family, SpecError, TrainSpec
 
 ADAPTER = "default"
 

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from ..spec import TrainSpec, varying_caption_settings
 from .images import IMAGE_EXTENSIONS, decode_caption, image_files, to_rgb, unreadable_reason
-from .spec import TrainSpec, varying_caption_settings
 
 CAPTION_FALLBACKS = (".caption", ".txt")
 _REPEATS_FOLDER = re.compile(r"(\d+)_(.*)", re.S)

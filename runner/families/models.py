@@ -30,9 +30,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .spec import Family
+from ..spec import Family
 
-CONFIGS = Path(__file__).parent / "configs"
+CONFIGS = Path(__file__).parent.parent / "configs"
 CLIP_BPE = CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
 # The real CLIP vocabulary has 49152 - 256 - 2 merges (the rest of the file is unused), as in
 # OpenAI's and open_clip's tokenizers.

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from ..spec import SpecError, TrainSpec
+from .clip_text import Conditioning
 from .models import Base
-from .spec import SpecError, TrainSpec
-from .text import Conditioning
 
 if TYPE_CHECKING:
-    from .objectives import Batch
+    from ..train.objectives import Batch
 
 # TrainSpec settings a UNet uses that mean nothing to Flux, and why (kohya ignores most of them
 # silently; a member should know their setting did nothing).

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..spec import FailedEvent, StageEvent, TagCount, TaggedEvent, TagSpec
 from .images import decode_caption, image_files, to_rgb, unreadable_reason
-from .spec import FailedEvent, StageEvent, TagCount, TaggedEvent, TagSpec
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .lora_io import addnet_hash_safetensors
-from .spec import SpecError
+from ..formats.kohya import addnet_hash_safetensors
+from ..spec import SpecError
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux.1"}
 

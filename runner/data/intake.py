@@ -28,8 +28,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
+from ..spec import IntakeSpec
 from .images import decode_caption, image_files, is_hidden, to_rgb, unreadable_reason
-from .spec import IntakeSpec
 
 REPORT_DIR = ".intake"
 CAPTION_EXTENSIONS = (".txt", ".caption")

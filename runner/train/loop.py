@@ -26,22 +26,27 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 
-from .dataset import CaptionRules, Dataset, DatasetError, ImageItem, epoch_batches, load_dataset, load_image
-from .flux import check_family_settings, store_fp8
-from .generate import (
+from ..data.dataset import (
+    CaptionRules,
+    Dataset,
+    DatasetError,
+    ImageItem,
+    epoch_batches,
+    load_dataset,
+    load_image,
+)
+from ..families.clip_text import Conditioning
+from ..families.flux import check_family_settings, store_fp8
+from ..families.models import Base, ModelError, load_base
+from ..formats.kohya import TrainingFacts, kohya_state_dict, save_lora, training_metadata
+from ..gen.generate import (
     Sampler,
     default_sample_prompts,
     parse_sample_prompt,
     save_png,
 )
-from .lora_io import TrainingFacts, kohya_state_dict, save_lora, training_metadata
-from .models import Base, ModelError, load_base
-from .network import add_lora, load_lora_state, lora_state, param_groups
-from .objectives import Batch, make_objective
-from .optimizers import make_optimizer
-from .outcome import Cancelled, JobFailed, run_to_event
-from .presets import with_preset
-from .spec import (
+from ..outcome import Cancelled, JobFailed, run_to_event
+from ..spec import (
     DoneEvent,
     EpochEvent,
     FailedEvent,
@@ -55,7 +60,10 @@ from .spec import (
     state_folder,
     text_encoding,
 )
-from .text import Conditioning
+from .network import add_lora, load_lora_state, lora_state, param_groups
+from .objectives import Batch, make_objective
+from .optimizers import make_optimizer
+from .presets import with_preset
 
 Emit = Callable[[Any], None]
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}

@@ -1,0 +1,1 @@
+"""Generation: previews, /gen and grids over warm pipelines with LoRAs hot-swapped."""
