@@ -25,8 +25,7 @@ from test_bot_journey import async_test, message_with, new_bot, png, server
 
 from bot import jobs, store
 from bot.cli import main as loracord
-from bot.discord import library, state
-from bot.discord import train as train_cog
+from bot.discord import draft, intake, library, state
 from bot.dispatch import WorkerEvent
 from bot.files import member_path
 from bot.scheduler import Scheduler
@@ -80,8 +79,8 @@ async def test_stale_drafts_and_uploads_are_swept_files_and_rows(tmp_path):
             old_tid = await _open_draft(stub, alice, "old")
             await stub.post_message(alice, old_tid, "", files=[Upload("a.png", png((200, 30, 30)))])
             old = state.draft_in_thread(db, old_tid)
-            folder = train_cog.dataset_dir(bot, old)
-            await stub.wait_until(lambda: train_cog.subset_dir(folder) is not None, what="intake")
+            folder = draft.dataset_dir(bot, old)
+            await stub.wait_until(lambda: draft.subset_dir(folder) is not None, what="intake")
             fresh = state.draft_in_thread(db, await _open_draft(stub, alice, "fresh"))
             three_days = time.time() - 3 * 86400
             db.execute("UPDATE discord_drafts SET created_at = ? WHERE id = ?", [three_days, old.id])
@@ -179,7 +178,7 @@ async def test_a_crashing_decoder_cannot_take_the_bot_down(tmp_path, monkeypatch
         async with stub.running(bot):
             tid = await _open_draft(stub, alice)
             with monkeypatch.context() as m:
-                m.setattr(train_cog, "build_dataset", crashing_decoder.build_dataset)
+                m.setattr(intake, "build_dataset", crashing_decoder.build_dataset)
                 await stub.post_message(alice, tid, "", files=[Upload("evil.png", png((1, 2, 3)))])
                 note = await stub.wait_until(
                     lambda: message_with(stub, tid, "need a look"), 60, "the crash reported"
