@@ -10,7 +10,7 @@
     WORK/prepared.json                    these paths; a second run with the same settings reuses them
 
 so every trainer starts from identical weights and data. ``WORK/base`` doubles as the config root
-(``runner.families.models.load_base(..., config_root=...)``) for a single file of a tiny model.
+(``runner.families.registry.load_base(..., config_root=...)``) for a single file of a tiny model.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ def prepare(base_name: str, work: Path, images: int, repeats: int, resolution: i
     import torch
     from safetensors.torch import save_file
 
-    from runner.families.models import load_base
-    from runner.formats.ldm import base_to_ldm, save_pipeline
+    from runner.families.registry import base_to_ldm, load_base, save_pipeline
 
     base = load_base(base_name)
     res = resolution or base.native_resolution

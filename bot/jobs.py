@@ -15,15 +15,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from sqlite_utils import Database
 
+from runner.families.protocol import ModelError
+from runner.families.registry import base_family as detect_family
+from runner.families.registry import family as family_named
+from runner.families.registry import with_preset
 from runner.gen.sample_prompts import default_sample_prompts, read_sample_prompt
 from runner.spec import RunLength, SpecError, TagSpec, TrainSpec
-from runner.train.presets import with_preset
 
 from . import store
 from .config import Config, ConfigError, Quota, QuotaOverride
@@ -33,7 +35,6 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "queued": ("running", "cancelled", "failed"),  # failed: a job whose row cannot start
     "running": ("done", "failed", "cancelled", "queued"),
 }
-NATIVE = {"sd15": 512, "sdxl": 1024}
 log = logging.getLogger(__name__)
 
 
@@ -187,20 +188,15 @@ class Estimate:
 
 
 def base_family(base: str) -> str:
-    """sd15 or sdxl, read without loading the model (for default sizes and presets)."""
-    if base.startswith(("tiny:", "random:")):
-        return base.split(":", 1)[1]
-    path = Path(base)
-    if path.is_dir():
-        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
-    from safetensors import safe_open  # header only; no tensors are read
-
+    """The base's family name, read without loading the model (for default sizes and presets)."""
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            keys = f.keys()
-    except Exception as e:  # safetensors raises several types for unreadable files
-        raise ConfigError(f"base model {base} cannot be read: {e}") from None
-    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
+        return detect_family(base).name
+    except ModelError as e:
+        raise ConfigError(f"base model {base} cannot be used: {e}") from None
+
+
+def native_resolution(family: str) -> int:
+    return family_named(family).native_resolution
 
 
 def _cost(db: Database, kind: str, rate_key: str, steps: int, default_rate: float) -> Estimate:
@@ -213,7 +209,7 @@ def estimate_train(db: Database, cfg: Config, spec: TrainSpec, family: str, weig
     """Steps as the trainer counts them (TrainSpec.run_length, preset laid under the member's settings);
     batches as if all images shared one bucket, so a dataset of several buckets may train a few more."""
     s = TrainSpec.parse(with_preset(spec, family))
-    w, h = s.resolution or (NATIVE[family],) * 2
+    w, h = s.resolution or (native_resolution(family),) * 2
     length = s.run_length(math.ceil(weighted_images / s.train_batch_size))
     default = cfg.scheduling.seconds_per_step * (w * h / 512**2) * s.train_batch_size
     key = f"train|{spec.base}|{w}x{h}|b{s.train_batch_size}"
@@ -260,8 +256,8 @@ def _preview_seconds(
 
 
 def estimate_gen(db: Database, cfg: Config, spec: dict[str, Any], family: str) -> Estimate:
-    w = spec.get("width") or NATIVE[family]
-    h = spec.get("height") or NATIVE[family]
+    w = spec.get("width") or native_resolution(family)
+    h = spec.get("height") or native_resolution(family)
     steps = int(spec.get("steps") or 20) * int(spec.get("count") or 1)
     default = cfg.scheduling.gen_seconds_per_step * (w * h / 512**2)
     return _cost(db, "gen", f"gen|{spec['base']}|{w}x{h}", steps, default)

@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_tag)
     add_gen_commands(sub)
     s = sub.add_parser("selftest", help="train a tiny LoRA on the CPU and check the result")
-    s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="the tiny model to train")
     s.set_defaults(func=cmd_selftest)
     return parser
 

@@ -102,7 +102,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         template = GenSpec.parse({**_settings(args), "prompt": "", "output_dir": str(Path(args.out).parent)})
     except SpecError as e:
         return _fail(str(e))
-    from .families.models import ModelError
+    from .families.protocol import ModelError
     from .formats.kohya import LoraFileError
     from .gen.generate import lora_grid, save_png
     from .gen.pipelines import PipelineCache

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .families.registry import lora_family
 from .formats.kohya import read_lora
 from .spec import DoneEvent, EpochEvent, TrainSpec
 
@@ -69,12 +70,9 @@ def selftest(family: str = "sd15") -> int:
             == ["selftest-000001.safetensors", "selftest-000002.safetensors"],
         )
         tensors, meta = read_lora(Path(result.lora_file))
-        prefixes = (
-            ("lora_unet_", "lora_te_") if family == "sd15" else ("lora_unet_", "lora_te1_", "lora_te2_")
-        )
         check(
-            "kohya key names " + ", ".join(prefixes),
-            all(any(k.startswith(p) for k in tensors) for p in prefixes),
+            f"keys in the {family} LoRA format, the text encoders' included",
+            lora_family(tensors, {}) == family and any(k.startswith("lora_te") for k in tensors),
         )
         alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
         check("alpha holds network_alpha (2)", alphas == {2.0})

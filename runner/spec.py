@@ -24,7 +24,6 @@ from pydantic import (
     model_validator,
 )
 
-Family = Literal["sd15", "sdxl", "flux"]
 LrScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
@@ -383,10 +382,10 @@ class TrainSpec(_Spec):
     cache_text_encoder_outputs: bool = Field(
         True,
         description="encode each caption once, not every step; settings that change captions between "
-        "steps or train a text encoder undo it (see text_encoding)",
+        "steps or train a text encoder undo it (see runner.families.registry.text_encoding)",
     )
 
-    # Flux only (kohya's flux_train_network.py names; refused for SD bases, see runner/flux.py).
+    # Flux only (kohya's flux_train_network.py names; refused for SD bases, see runner/families/flux.py).
     guidance_scale: float = Field(
         3.5, ge=0.0, le=30.0, description="the guidance the dev model is told while training"
     )
@@ -573,14 +572,6 @@ class TrainSpec(_Spec):
         return list(cls.model_fields)
 
 
-# Each family's text encoders, in the order of Base.text_encoders.
-TEXT_ENCODERS: dict[Family, tuple[str, ...]] = {
-    "sd15": ("CLIP-L",),
-    "sdxl": ("CLIP-L", "CLIP-G"),
-    "flux": ("CLIP-L", "T5-XXL"),
-}
-
-
 def varying_caption_settings(spec: TrainSpec) -> list[str]:
     """The settings that change a caption from one step to the next, so that no encoding of it
     can be kept (kohya refuses them with cache_text_encoder_outputs)."""
@@ -614,30 +605,6 @@ class TextEncoding(BaseModel):
         if self.cached:
             text += f"; {' and '.join(self.cached)} encodes each caption once"
         return text
-
-
-def text_encoding(spec: TrainSpec, family: Family) -> TextEncoding:
-    """Where the trainer runs each text encoder, for ``spec`` with its preset already applied.
-
-    Captions are encoded once and cached unless ``cache_text_encoder_outputs`` is off, a setting
-    changes captions between steps, or a text encoder is trained. Flux with CLIP-L trained caches
-    T5-XXL's outputs on their own and runs CLIP-L each step (kohya's partial caching). Weighted
-    captions are cached like any other.
-    """
-    names = TEXT_ENCODERS[family]
-    varying = varying_caption_settings(spec)
-    reasons = [] if spec.cache_text_encoder_outputs else ["cache_text_encoder_outputs=False"]
-    reasons += varying
-    if spec.train_text_encoder:
-        reasons.append(f"{names[0] if family == 'flux' else ' and '.join(names)} trained")
-    if not spec.cache_text_encoder_outputs or varying:
-        every, cached = names, ()
-    elif spec.train_text_encoder:
-        # Flux trains CLIP-L only (T5-XXL stays frozen, as kohya's default train_t5xxl=False).
-        every, cached = (names[:1], names[1:]) if family == "flux" else (names, ())
-    else:
-        every, cached = (), names
-    return TextEncoding(every_step=every, cached=cached, reasons=tuple(reasons))
 
 
 class IntakeSpec(_Spec):

@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runner.families.flux import FlowMatching, store_fp8
-from runner.families.models import load_base
-from runner.formats.flux_keys import diffusers_state_dict
+from runner.families.flux import FlowMatching, diffusers_state_dict, store_fp8
+from runner.families.protocol import Batch
+from runner.families.registry import load_base
 from runner.formats.kohya import effective_delta, kohya_state_dict
 from runner.gen.generate import gen_images
 from runner.gen.pipelines import PipelineCache
@@ -25,7 +25,6 @@ from runner.selftest import make_demo_dataset
 from runner.spec import DoneEvent, FailedEvent, GenSpec, SpecError, TrainSpec
 from runner.train.loop import concrete_spec, train
 from runner.train.network import add_lora, lora_modules
-from runner.train.objectives import Batch
 
 
 def spec_for(**settings) -> TrainSpec:
@@ -107,7 +106,7 @@ def test_fused_kohya_modules_hold_exactly_the_trained_weights():
 
 
 def _bfl(name: str) -> str:
-    from runner.formats.flux_keys import kohya_module
+    from runner.families.flux import kohya_module
 
     return kohya_module(name)[0]
 
@@ -482,7 +481,7 @@ def test_full_size_flux_lora_trains_on_the_gpu_and_loads_in_diffusers(tmp_path, 
     import runner.train.loop as train_module
 
     with torch.device("cuda"):  # random init of 17B parameters takes seconds here, minutes on a CPU
-        base = load_base("random:flux", flux_dtype=torch.bfloat16)
+        base = load_base("random:flux", dtype=torch.bfloat16)
     # diffusers' own converter at FLUX.1's real sizes, single blocks included, before any training.
     add_lora(base, spec_for(network_dim=16, network_alpha=16, network_train_unet_only=True))
     with torch.no_grad():

@@ -13,7 +13,7 @@ from diffusers import (
 from peft import LoraConfig
 from PIL import Image
 
-from runner.families.models import load_base
+from runner.families.registry import load_base
 from runner.gen.generate import (
     DEFAULT_NEGATIVE,
     SAMPLERS,

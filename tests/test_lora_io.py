@@ -11,20 +11,19 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 
-from runner.families.models import load_base
+from runner.families.registry import base_to_ldm, load_base, lora_family, save_pipeline
+from runner.families.stable_diffusion import kohya_name
 from runner.formats import kohya as lora_io
 from runner.formats.kohya import (
     LoraFileError,
     TrainingFacts,
     effective_delta,
-    kohya_name,
     kohya_state_dict,
-    lora_family,
     read_lora,
     save_lora,
     training_metadata,
 )
-from runner.formats.ldm import base_to_ldm, save_pipeline, unet_to_ldm
+from runner.formats.ldm import unet_to_ldm
 from runner.spec import TrainSpec
 from runner.train.network import ADAPTER, add_lora, lora_modules
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runner.families.models import Base, ModelError, _file_hashes, clip_tokenizer, load_base
-from runner.formats.ldm import base_to_ldm, save_pipeline
+from runner.families.clip_text import clip_tokenizer
+from runner.families.model import Base, file_hashes
+from runner.families.protocol import ModelError
+from runner.families.registry import base_to_ldm, load_base, save_pipeline
 
 FAMILIES = ["sd15", "sdxl"]
 
@@ -285,9 +287,9 @@ SDXL_KEYS = {
 
 @pytest.mark.parametrize(("keys", "family"), [(SD15_KEYS, "sd15"), (SDXL_KEYS, "sdxl")])
 def test_family_is_read_from_the_keys(tmp_path, keys, family):
-    from runner.families.models import detect_family
+    from runner.families.registry import file_family
 
-    assert detect_family(Path(write_keys(tmp_path / "m.safetensors", keys))) == family
+    assert file_family(Path(write_keys(tmp_path / "m.safetensors", keys))).name == family
 
 
 @pytest.mark.parametrize(
@@ -340,7 +342,7 @@ def test_pickled_checkpoints_are_never_opened(tmp_path):
 @pytest.mark.parametrize("name", ["/no/such/model.safetensors", "sd15", "tiny:", "some/hub-repo"])
 def test_unknown_names_list_what_is_accepted(name):
     with pytest.raises(
-        ModelError, match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, random:sd15"
+        ModelError, match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, tiny:flux.*, random:sd15, random:sdxl, random:flux"
     ):
         load_base(name)
 
@@ -360,7 +362,7 @@ def test_file_hashes_match_a1111(tmp_path, size):
     path = tmp_path / "f.bin"
     path.write_bytes(data.numpy().tobytes())
     raw = path.read_bytes()
-    assert _file_hashes(path) == (
+    assert file_hashes(path) == (
         hashlib.sha256(raw).hexdigest(),
         hashlib.sha256(raw[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
     )

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import Transformer2DModel
 
-from runner.families.models import load_base
+from runner.families.registry import load_base
+from runner.families.stable_diffusion import unet_block
 from runner.spec import TrainSpec
 from runner.train.network import (
     ADAPTER,
@@ -15,7 +16,6 @@ from runner.train.network import (
     lora_parameters,
     lora_state,
     param_groups,
-    unet_block,
 )
 
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from runner.families.clip_text import Conditioning
-from runner.families.models import load_base
+from runner.families.noise_prediction import NoisePrediction, pyramid_noise
+from runner.families.protocol import Batch
+from runner.families.registry import load_base
 from runner.spec import TrainSpec
-from runner.train.objectives import Batch, NoisePrediction, pyramid_noise
 
 
 def kohya_pyramid_noise_like(noise, device, iterations=6, discount=0.4):

@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from PIL import Image
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from runner.families.models import load_base
+from runner.families.registry import load_base
 from runner.spec import DoneEvent, TrainSpec
 from runner.train.loop import Trainer
 

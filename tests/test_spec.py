@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from runner.families.registry import text_encoding
 from runner.spec import (
     EpochEvent,
     FailedEvent,
@@ -12,7 +13,6 @@ from runner.spec import (
     TextEncoding,
     TrainSpec,
     parse_event,
-    text_encoding,
 )
 
 BASE = {"base": "tiny:sd15", "train_data_dir": "d", "output_dir": "o", "output_name": "n"}

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from runner.families.clip_text import encode_prompts, parse_weighted
-from runner.families.models import load_base
+from runner.families.registry import load_base
 
 
 @pytest.fixture(scope="module")

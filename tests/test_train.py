@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from runner.families.models import load_base
+from runner.families.noise_prediction import NoisePrediction
+from runner.families.registry import load_base, text_encoding
 from runner.selftest import make_demo_dataset
 from runner.spec import (
     DoneEvent,
@@ -29,10 +30,8 @@ from runner.spec import (
     StageEvent,
     TextEncoding,
     TrainSpec,
-    text_encoding,
 )
 from runner.train.loop import Trainer, concrete_spec, train
-from runner.train.objectives import NoisePrediction
 
 
 @pytest.fixture(scope="module")

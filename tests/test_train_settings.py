@@ -103,7 +103,7 @@ def test_the_members_max_train_steps_beats_the_presets_epochs(tmp_path, data):
 
 
 def test_preset_epochs_apply_when_the_member_set_no_run_length():
-    from runner.train.presets import with_preset
+    from runner.families.registry import with_preset
 
     base = {"base": "tiny:sd15", "train_data_dir": ".", "output_dir": ".", "output_name": "n"}
     preset = TrainSpec.parse(with_preset(TrainSpec.parse({**base, "preset": "concept"}), "sd15"))

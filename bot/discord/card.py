@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
-from runner.spec import SpecError, text_encoding
+from runner.families.registry import text_encoding
+from runner.spec import SpecError
 
 from .. import jobs
 from ..config import ConfigError
@@ -44,7 +45,7 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
         flags = sum(1 for e in IntakeReport.model_validate_json(report.read_text()).entries if e.warnings)
     s = draft.settings_dict
     eff, family = effective(bot, draft)
-    res = eff.get("resolution") or (jobs.NATIVE.get(family, 512),) * 2
+    res = eff.get("resolution") or (jobs.native_resolution(family),) * 2
     est, cost = None, ""
     if images:
         try:

@@ -8,8 +8,8 @@ from typing import Any
 
 from discord.ext import commands
 
+from runner.families.registry import preset_settings
 from runner.spec import TrainSpec, layer_settings
-from runner.train.presets import preset_settings
 
 from .. import jobs
 from ..files import member_path

@@ -169,7 +169,7 @@ class IntakeMixin:
                         output_dir=str(dataset_dir(self.bot, draft)),
                         name=SUBSET,
                         num_repeats=repeats(draft),
-                        resolution=jobs.NATIVE.get(family, 512),
+                        resolution=jobs.native_resolution(family),
                         max_images=jobs.effective_quota(
                             self.bot.db, self.bot.cfg, draft.owner
                         ).images_per_dataset,

@@ -27,7 +27,7 @@ class SettingsModal(Served, discord.ui.Modal):
         super().__init__(title="Training settings", custom_id=f"lc:m:{draft.id}", timeout=600)
         self.cog, self.draft = cog, draft
         eff, family = effective(cog.bot, draft)
-        res = eff.get("resolution") or (jobs.NATIVE.get(family, 512),) * 2
+        res = eff.get("resolution") or (jobs.native_resolution(family),) * 2
         self.shown_epochs = str(eff["max_train_epochs"] or "")
         self.epochs = discord.ui.TextInput(
             label="Epochs", default=self.shown_epochs, required=False, max_length=5

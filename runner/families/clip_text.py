@@ -1,4 +1,7 @@
-"""Prompts and captions → UNet conditioning, laid out as kohya sd-scripts trains and A1111 generates.
+"""CLIP text: its tokenizer (from the vocabulary shipped in the package), the prompts and captions →
+UNet conditioning of SD1.5 and SDXL, and which CLIP modules get LoRA under which kohya names.
+
+Prompts are laid out as kohya sd-scripts trains and A1111 generates.
 
 A prompt is split into chunks of 75 tokens; each chunk is encoded on its own as
 ``BOS + tokens + EOS + padding`` (77 tokens). Inside a chunk the EOS follows the last real token and
@@ -14,13 +17,24 @@ generation keeps A1111's ``77 × chunks`` (every chunk's BOS and EOS).
 
 from __future__ import annotations
 
+import gzip
 import re
-from dataclasses import dataclass
+from functools import cache
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .models import Base
+from ..spec import TrainSpec
+from .model import CONFIGS, Base
+from .protocol import Conditioning, Target
+
+CLIP_BPE = CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
+# The real CLIP vocabulary has 49152 - 256 - 2 merges (the rest of the file is unused), as in
+# OpenAI's and open_clip's tokenizers.
+CLIP_NUM_MERGES = 49152 - 256 - 2
+TINY_NUM_MERGES = 1000
+# Tokens besides the merges: 256 byte characters, their end-of-word forms, start and end.
+CLIP_BASE_TOKENS = 2 * 256 + 2
 
 CHUNK = 75  # real tokens per chunk; CLIP's 77 positions minus BOS and EOS
 
@@ -29,10 +43,66 @@ _ATTENTION = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\
 _UP = 1.1
 
 
-@dataclass
-class Conditioning:
-    hidden_states: torch.Tensor  # [B, 75 × chunks + 2 or 77 × chunks, D]; SDXL: TE1 and TE2 concatenated on D
-    pooled: torch.Tensor | None  # SDXL: TE2's projected pooled output of the first chunk; None for SD1.5
+# ---- tokenizers ----
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's reversible byte→character table; transformers keeps it private, so it is restated here.
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+@cache
+def _clip_vocab(num_merges: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+    with gzip.open(CLIP_BPE) as f:
+        lines = f.read().decode("utf-8").split("\n")[1 : num_merges + 1]
+    merges = tuple(tuple(m.split()) for m in lines)
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return tuple((tok, i) for i, tok in enumerate(vocab)), merges
+
+
+def clip_tokenizer(num_merges: int = CLIP_NUM_MERGES, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """CLIP's BPE tokenizer from the vocabulary file shipped in the package (no download).
+
+    ``num_merges`` below the full count gives the small vocabulary the tiny models use. SDXL's
+    second tokenizer pads with ``!`` instead of ``<|endoftext|>``.
+    """
+    vocab, merges = _clip_vocab(num_merges)
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
+    tok.model_max_length = 77
+    return tok
+
+
+def tiny_clip_config(vocab_size: int, act: str, hidden_size: int = 32) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act=act,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+
+
+# ---- prompts ----
 
 
 def _is_number(text: str) -> bool:
@@ -182,7 +252,9 @@ def encode_prompts(
         longest = max((len(t) for enc in per_encoder for t, _ in enc), default=0)
         chunks = max(min_chunks, -(-longest // CHUNK), 1)
 
-    sdxl = base.family == "sdxl"
+    # SDXL's layout, told by its second encoder's pooled projection: the penultimate layer without
+    # the final norm, and the projected pooled output.
+    sdxl = isinstance(base.text_encoders[-1], CLIPTextModelWithProjection)
     skip = clip_skip or 1
     layer = -max(skip, 2) if sdxl else -skip
     batch = len(prompts)
@@ -206,3 +278,27 @@ def encode_prompts(
             pooled = embeds.reshape(batch, chunks, -1)[:, 0]
     hidden = torch.cat(states_all, dim=-1)
     return Conditioning(hidden_states=hidden, pooled=pooled if sdxl else None)
+
+
+# ---- LoRA on CLIP ----
+
+
+def clip_targets(te: torch.nn.Module, spec: TrainSpec) -> list[Target]:
+    """kohya's TEXT_ENCODER_TARGET_REPLACE_MODULE: the Linears of CLIP's attention and MLP."""
+    from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
+
+    return [
+        Target(f"{parent_name}.{child_name}", spec.network_dim, spec.network_alpha)
+        for parent_name, parent in te.named_modules()
+        if isinstance(parent, (CLIPAttention, CLIPMLP))
+        for child_name, child in parent.named_children()
+        if isinstance(child, torch.nn.Linear)
+    ]
+
+
+def te_key(prefix: str, module: str) -> str:
+    """kohya's key for a CLIP module: ``lora_te1_text_model_encoder_layers_0_…``."""
+    # transformers 5's CLIPTextModel lost the text_model wrapper; A1111 and ComfyUI only map names with it.
+    if not module.startswith("text_model."):
+        module = "text_model." + module
+    return f"{prefix}.{module}".replace(".", "_")

@@ -1,10 +1,9 @@
 """LoRA files in kohya's format: the keys, ``ss_*`` metadata and hashes that A1111, ComfyUI,
 Civitai and kohya's own tools read.
 
-Keys are ``lora_unet_<module>`` / ``lora_te_<module>`` (SD1.5) / ``lora_te1_``/``lora_te2_`` (SDXL,
-whose UNet modules carry their original LDM paths: ``lora_unet_input_blocks_4_1_…``),
-Flux: ``lora_unet_`` with BFL's module names (``runner/flux_keys.py``) and ``lora_te1_`` (CLIP-L);
-each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (the real alpha). Hashes follow
+Each family names its modules (``Family.kohya_modules``): ``lora_unet_<module>`` / ``lora_te_<module>``
+for SD1.5, ``lora_te1_``/``lora_te2_`` and LDM paths for SDXL, BFL's names for Flux. Every module is
+written with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha`` (the real alpha). Hashes follow
 kohya's ``train_util.precalculate_safetensors_hashes``.
 """
 
@@ -17,7 +16,6 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from io import BytesIO
@@ -28,11 +26,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..families.models import Base
-from ..spec import Family, TrainSpec
+from ..families.model import Base
+from ..families.protocol import KohyaModule
+from ..families.registry import family, lora_family
+from ..spec import TrainSpec
 from ..train.network import block_lr_weights, lora_modules
-from .flux_keys import KohyaModule, fuse
-from .ldm import unet_module_to_ldm
 
 
 class LoraFileError(ValueError):
@@ -59,49 +57,9 @@ class TrainingFacts:
 # ---- tensors ----
 
 
-def _kohya_prefix(component: str, family: Family) -> str:
-    if component == "unet":
-        return "lora_unet"
-    return "lora_te" if family == "sd15" else f"lora_{component}"
-
-
-def kohya_name(
-    component: str, module: str, family: Family, unet_config: Mapping[str, Any] | None = None
-) -> str:
-    """kohya's module name: prefix + module path, dots turned to underscores.
-
-    SDXL's UNet modules go by their original (LDM) paths (``lora_unet_input_blocks_4_1_…``), as
-    kohya's ``sdxl_train_network.py`` writes them: its SDXL UNet keeps the original module names, and
-    A1111 maps SDXL's diffusers-style names with SD1.5's block layout, losing modules such as
-    ``up_blocks.0.upsamplers.0``. SD1.5 keeps diffusers paths, as kohya's ``train_network.py`` writes.
-    ``unet_config`` (the UNet's diffusers config) is needed for SDXL UNet modules.
-    """
-    if component == "unet" and family == "sdxl":
-        if unet_config is None:
-            raise ValueError("SDXL UNet modules need the UNet's config to get their kohya names")
-        module = unet_module_to_ldm(module, unet_config)
-    # transformers 5's CLIPTextModel lost the text_model wrapper; A1111 and ComfyUI only map names with it.
-    if component != "unet" and not module.startswith("text_model."):
-        module = "text_model." + module
-    return f"{_kohya_prefix(component, family)}.{module}".replace(".", "_")
-
-
 def kohya_modules(base: Base) -> list[KohyaModule]:
-    """The live LoRA layers under their kohya names; Flux's q/k/v (and linear1) fused as kohya's."""
-    modules = lora_modules(base)
-    fused = []
-    if base.family == "flux":
-        fused = list(fuse(m for m in modules if m.component == "unet"))
-        modules = [m for m in modules if m.component != "unet"]
-    return fused + [
-        KohyaModule(
-            kohya_name(m.component, m.name, base.family, base.unet.config),
-            m.down.detach(),
-            m.up.detach(),
-            m.alpha,
-        )
-        for m in modules
-    ]
+    """The live LoRA layers under the keys the family's LoRA files use."""
+    return family(base.family).kohya_modules(base, lora_modules(base))
 
 
 def kohya_state_dict(base: Base, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
@@ -141,37 +99,18 @@ def effective_delta(tensors: dict[str, torch.Tensor], module: str, multiplier: f
 # ---- metadata ----
 
 
-def _network_args(spec: TrainSpec, family: Family) -> dict[str, str]:
+def _network_args(spec: TrainSpec, family_name: str) -> dict[str, str]:
     # kohya passes network_args as key=value strings and records them as given.
     args: dict[str, str] = {}
     if spec.conv_dim is not None:
         args["conv_dim"] = str(spec.conv_dim)
         args["conv_alpha"] = str(1.0 if spec.conv_alpha is None else spec.conv_alpha)
-    if block_lr_weights(spec, family) is not None:
+    if block_lr_weights(spec, family_name) is not None:
         for setting in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
             value = getattr(spec, setting)
             if value is not None:
                 args[setting] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return args
-
-
-_BASE_VERSION: dict[Family, str] = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
-
-
-def _flux_metadata(spec: TrainSpec) -> dict[str, Any]:
-    # What kohya's flux_train_network.update_metadata adds, and the SD settings Flux does not use.
-    return {
-        "ss_model_type": "flux",
-        "ss_apply_t5_attn_mask": False,
-        "ss_weighting_scheme": "uniform",
-        "ss_guidance_scale": spec.guidance_scale,
-        "ss_timestep_sampling": spec.timestep_sampling,
-        "ss_sigmoid_scale": spec.sigmoid_scale,
-        "ss_model_prediction_type": spec.model_prediction_type,
-        "ss_discrete_flow_shift": spec.discrete_flow_shift,
-        "ss_max_token_length": None,
-        "ss_fp8_base": spec.fp8_base,
-    }
 
 
 def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict[str, str]:
@@ -199,7 +138,7 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         "ss_mixed_precision": spec.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": False,
-        "ss_base_model_version": _BASE_VERSION[base.family],
+        "ss_base_model_version": family(base.family).base_model_version,
         "ss_clip_skip": spec.clip_skip,
         # kohya's max_token_length is unset (None) for CLIP's 75 tokens; 150 and 225 are its only values.
         "ss_max_token_length": None if spec.max_token_length == 75 else spec.max_token_length,
@@ -238,8 +177,7 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
     if base.sha256 is not None:
         meta["ss_sd_model_hash"] = base.legacy_hash
         meta["ss_new_sd_model_hash"] = base.sha256
-    if base.family == "flux":
-        meta.update(_flux_metadata(spec))
+    meta.update(family(base.family).metadata(spec))
     network_args = _network_args(spec, base.family)
     if network_args:
         meta["ss_network_args"] = json.dumps(network_args)
@@ -252,17 +190,11 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
 
 def _modelspec(meta: dict[str, str], timestamp: float) -> dict[str, str]:
     """The ``modelspec.*`` keys kohya's sai_model_spec.build_metadata writes for a LoRA."""
-    version_tag = meta.get("ss_base_model_version", "")
-    sdxl, flux = version_tag.startswith("sdxl"), version_tag.startswith("flux")
+    # kohya's sai_model_spec also falls back to SD v1 when the metadata names no base.
+    fam = family(lora_family({}, meta) or "sd15")
+    arch, impl, prediction_type = fam.modelspec()
     sizes = [int(n) for n in re.findall(r"\d+", meta.get("ss_resolution", ""))]
-    width, height = (sizes * 2)[:2] if sizes else (1024, 1024) if sdxl or flux else (512, 512)
-    if flux:
-        # kohya tells dev from schnell by its arguments; a LoRA trained with guidance is for dev.
-        arch, impl = "flux-1-dev", "https://github.com/black-forest-labs/flux"
-    elif sdxl:
-        arch, impl = "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"
-    else:
-        arch, impl = "stable-diffusion-v1", "diffusers"
+    width, height = (sizes * 2)[:2] if sizes else (fam.native_resolution,) * 2
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{arch}/lora",
@@ -272,8 +204,8 @@ def _modelspec(meta: dict[str, str], timestamp: float) -> dict[str, str]:
         "modelspec.date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
         "modelspec.implementation_version": f"loracord/{version('loracord')}",
     }
-    if not flux:  # kohya writes no prediction type for Flux
-        spec["modelspec.prediction_type"] = "epsilon"
+    if prediction_type is not None:  # kohya writes none for Flux
+        spec["modelspec.prediction_type"] = prediction_type
     if meta.get("ss_clip_skip", "None") != "None":
         spec["modelspec.encoder_layer"] = meta["ss_clip_skip"]
     return spec
@@ -358,30 +290,3 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             if up is None or up.dim() < 2 or up.shape[1] != down.shape[0]:
                 raise LoraFileError(f"{path.name} is damaged: {key} has no matching lora_up weight")
     return tensors, metadata
-
-
-def lora_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Family | None:
-    """The family ("sd15"/"sdxl"/"flux") from the metadata, the cross-attention width, Flux's block
-    names or the text-encoder prefixes."""
-    version_tag = metadata.get("ss_base_model_version", "")
-    if version_tag.startswith("sdxl"):
-        return "sdxl"
-    if version_tag.startswith("flux"):
-        return "flux"
-    if version_tag:
-        return "sd15" if version_tag.startswith("sd_v1") else None
-    if any(re.search(r"(double|single)_blocks|single_transformer_blocks|add_q_proj", k) for k in tensors):
-        return "flux"
-    for key, value in tensors.items():
-        if re.search(r"attn2[._]to_k\.lora_down\.weight$", key) and value.shape[1] in (768, 1024, 2048):
-            return {768: "sd15", 2048: "sdxl"}.get(value.shape[1])  # 1024: SD2
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in tensors):
-        return "sdxl"
-    te_widths = {
-        v.shape[1]
-        for k, v in tensors.items()
-        if k.startswith("lora_te_") and k.endswith("q_proj.lora_down.weight")
-    }
-    if te_widths:
-        return None if 1024 in te_widths else "sd15"  # 1024 wide: SD2's OpenCLIP
-    return None

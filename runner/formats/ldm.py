@@ -1,24 +1,21 @@
-"""A Base written out as other tools load it: a diffusers folder, or the original (LDM) single-file
-layout A1111 and Civitai ship.
+"""The original (LDM) single-file layout A1111 and Civitai ship SD1.5 and SDXL in: diffusers' UNet,
+VAE and CLIP weights under LDM's names.
 
 diffusers only converts LDM → diffusers (``convert_ldm_*_checkpoint`` in
 ``diffusers/loaders/single_file_utils.py``, and ``_maybe_map_sgm_blocks_to_diffusers`` for LoRA
-names); :func:`base_to_ldm` is the inverse of those functions, so tests and benchmarks can build
-single-file checkpoints without downloading one, and :func:`unet_module_to_ldm` gives SDXL LoRA
-files kohya's module names.
+names); these functions are their inverse, so tests and benchmarks can build single-file
+checkpoints without downloading one (``runner.families.registry.base_to_ldm``), and
+:func:`unet_module_to_ldm` gives SDXL LoRA files kohya's module names.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from ..families.models import Base, _no_safety_checker, _pipeline_class
 
 _RESNET = (
     ("norm1", "in_layers.0"),
@@ -129,26 +126,3 @@ def open_clip_to_ldm(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
             qkv = [sd[f"text_model.encoder.layers.{m[1]}.self_attn.{p}_proj.{part}"] for p in "qkv"]
             out[f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{part}"] = torch.cat(qkv)
     return out
-
-
-def base_to_ldm(base: Base) -> dict[str, Tensor]:
-    """The whole checkpoint, keyed as in an A1111 ``.safetensors`` of ``base``'s family."""
-    sd = unet_to_ldm(base.unet.state_dict(), base.unet.config)
-    sd |= vae_to_ldm(base.vae.state_dict(), len(base.vae.config.block_out_channels))
-    te = [t.state_dict() for t in base.text_encoders]
-    if base.family == "sd15":
-        sd |= clip_to_ldm(te[0], "cond_stage_model.transformer.")
-    else:
-        sd |= clip_to_ldm(te[0], "conditioner.embedders.0.transformer.")
-        sd |= open_clip_to_ldm(te[1], "conditioner.embedders.1.model.")
-    return {k: v.contiguous() for k, v in sd.items()}
-
-
-def save_pipeline(base: Base, folder: Path) -> Path:
-    """``base`` as a diffusers folder (``model_index.json`` and one subfolder a part)."""
-    parts = dict(vae=base.vae, unet=base.unet, scheduler=base.noise_scheduler())
-    parts |= dict(text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0])
-    if base.family == "sdxl":
-        parts |= dict(text_encoder_2=base.text_encoders[1], tokenizer_2=base.tokenizers[1])
-    _pipeline_class(base.family)(**parts, **_no_safety_checker(base.family)).save_pretrained(folder)
-    return folder

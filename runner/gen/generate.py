@@ -1,6 +1,6 @@
 """Text-to-image with the live base model: preview samples during training (and, later, ``/gen``).
 
-A :class:`Sampler` wraps one diffusers pipeline around a :class:`~runner.families.models.Base`'s own
+A :class:`Sampler` wraps one diffusers pipeline around a :class:`~runner.families.model.Base`'s own
 modules, so the images show the LoRA adapter being trained without copying any weights. Prompts
 use kohya's sample-prompt syntax (``a photo of sks --n lowres --w 512 --h 768 --d 42 --l 7 --s 20``),
 are encoded by :func:`runner.families.clip_text.encode_prompts` (A1111's ``(word:1.2)`` emphasis, prompts longer
@@ -31,27 +31,24 @@ from diffusers import (
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    FluxPipeline,
     HeunDiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..families.clip_text import encode_prompts
-from ..families.flux import flux_pipeline, t5_length
-from ..families.models import Base, ModelError
+from ..families.model import Base
+from ..families.protocol import ModelError, SampleRequest
+from ..families.registry import family
 from ..formats.infotext import format_parameters, lora_tag, split_lora_tags
 from ..formats.kohya import LoraFileError
 from ..outcome import Cancelled, run_to_event
 from ..spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SamplePromptSettings, SpecError
 from .grid import Grid, image_grid
-from .loras import FAMILY_NAMES, find_lora
+from .loras import find_lora
 from .sample_prompts import (  # noqa: F401 (re-exported: the trainer and tests read them here)
     DEFAULT_NEGATIVE,
     MAX_SIDE,
@@ -185,36 +182,26 @@ class Sampler:
         self.dtype = dtype
         self.clip_skip = clip_skip
         self.weighted = weighted
-        scheduler = make_scheduler(DEFAULT_SAMPLER, base.scheduler_config)
-        te, tok = base.text_encoders, base.tokenizers
-        self.pipe: StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
-        if base.family == "flux":
-            self.pipe = flux_pipeline(base)
-        elif base.family == "sd15":
-            self.pipe = StableDiffusionPipeline(
-                vae=base.vae,
-                text_encoder=te[0],
-                tokenizer=tok[0],
-                unet=base.unet,
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-        else:
-            # force_zeros: an empty negative becomes zeros, as SDXL was trained; a given one is encoded.
-            self.pipe = StableDiffusionXLPipeline(
-                vae=base.vae,
-                text_encoder=te[0],
-                text_encoder_2=te[1],
-                tokenizer=tok[0],
-                tokenizer_2=tok[1],
-                unet=base.unet,
-                scheduler=scheduler,
-                force_zeros_for_empty_prompt=True,
-                add_watermarker=False,
-            )
-        self.pipe.set_progress_bar_config(disable=True)
+        self.family = family(base.family)
+        # Families with their own sampler (Flux) ignore the one given here.
+        scheduler = make_scheduler(DEFAULT_SAMPLER, base.scheduler_config) if self.family.samplers else None
+        self.pipe = self.family.pipeline(base, scheduler)
+
+    def request(self, sp: SamplePrompt) -> SampleRequest:
+        """What the family renders for ``sp`` (which must have its seed)."""
+        return SampleRequest(
+            prompt=sp.prompt,
+            negative=sp.negative,
+            width=sp.width,
+            height=sp.height,
+            steps=sp.steps,
+            cfg_scale=sp.cfg_scale,
+            guidance=sp.guidance,
+            sampler=sp.sampler,
+            seed=sp.seed,
+            clip_skip=self.clip_skip,
+            weighted=self.weighted,
+        )
 
     def render(self, sp: SamplePrompt) -> Image.Image:
         """One image; the same prompt and seed give the same pixels on the same device and dtype.
@@ -226,73 +213,17 @@ class Sampler:
         sp = sp.seeded()
         base = self.base
         generator = torch.Generator("cpu").manual_seed(sp.seed)
+        if self.family.samplers:
+            self.pipe.scheduler = make_scheduler(
+                sp.sampler or DEFAULT_SAMPLER, base.scheduler_config, sp.seed
+            )
         modules = [base.unet, base.vae, *base.text_encoders]
         with torch.no_grad(), _sampling_mode(modules, self.device):
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                if base.family == "flux":
-                    latents = self._flux_latents(sp, generator)
-                else:
-                    latents = self._sd_latents(sp, generator)
+                latents = self.family.render_latents(
+                    base, self.pipe, self.request(sp), generator, self.device
+                )
             return self._decode(latents)
-
-    def _sd_latents(self, sp: SamplePrompt, generator: torch.Generator) -> torch.Tensor:
-        base = self.base
-        self.pipe.scheduler = make_scheduler(sp.sampler or DEFAULT_SAMPLER, base.scheduler_config, sp.seed)
-        scale = base.vae_scale_factor
-        shape = (1, base.unet.config.in_channels, sp.height // scale, sp.width // scale)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return self.pipe(
-            **self._embeds(sp),
-            width=sp.width,
-            height=sp.height,
-            num_inference_steps=sp.steps,
-            guidance_scale=sp.cfg_scale,
-            generator=generator,
-            latents=noise.to(self.device, base.unet.dtype),
-            output_type="latent",
-        ).images
-
-    def _flux_latents(self, sp: SamplePrompt, generator: torch.Generator) -> torch.Tensor:
-        # FluxPipeline's flow-matching Euler with FLUX.1's size-dependent shift; true CFG (two passes)
-        # only for a CFG scale above 1 with a negative prompt, as Forge does.
-        base, pipe = self.base, self.pipe
-        scale = base.vae_scale_factor
-        # Latents are packed in 2x2 patches: sides go down to a multiple of twice the VAE's factor.
-        width, height = (side // (2 * scale) * 2 * scale for side in (sp.width, sp.height))
-        channels = base.unet.config.in_channels // 4
-        noise = torch.randn((1, channels, height // scale, width // scale), generator=generator)
-        packed = pipe._pack_latents(noise, 1, channels, height // scale, width // scale)
-        true_cfg = sp.cfg_scale > 1 and bool(sp.negative)
-        latents = pipe(
-            prompt=sp.prompt,
-            negative_prompt=sp.negative if true_cfg else None,
-            true_cfg_scale=sp.cfg_scale,
-            guidance_scale=sp.guidance,
-            width=width,
-            height=height,
-            num_inference_steps=sp.steps,
-            generator=generator,
-            latents=packed.to(self.device, base.unet.dtype),
-            max_sequence_length=t5_length(base),
-            output_type="latent",
-        ).images
-        return pipe._unpack_latents(latents, height, width, scale)
-
-    def _embeds(self, sp: SamplePrompt) -> dict[str, torch.Tensor]:
-        # Prompt and negative are encoded together so they get the same number of 77-token chunks.
-        zero_negative = self.base.family == "sdxl" and not sp.negative
-        texts = [sp.prompt] if zero_negative else [sp.prompt, sp.negative]
-        cond = encode_prompts(
-            self.base, texts, max_token_length=None, clip_skip=self.clip_skip, weighted=self.weighted
-        )
-        embeds = {"prompt_embeds": cond.hidden_states[:1]}
-        if not zero_negative:
-            embeds["negative_prompt_embeds"] = cond.hidden_states[1:]
-        if cond.pooled is not None:
-            embeds["pooled_prompt_embeds"] = cond.pooled[:1]
-            if not zero_negative:
-                embeds["negative_pooled_prompt_embeds"] = cond.pooled[1:]
-        return embeds
 
     def _decode(self, latents: torch.Tensor) -> Image.Image:
         # Decoded here, not by the pipeline: the pipelines hand the VAE latents in the UNet's dtype,
@@ -311,16 +242,12 @@ class Sampler:
         if sp.seed is None:
             raise ValueError("the prompt has no seed: render sp.seeded() and describe that")
         sampler = SAMPLERS[resolve_sampler(sp.sampler or DEFAULT_SAMPLER)]
-        flux = self.base.family == "flux"
         fields: dict[str, Any] = {
             "Steps": sp.steps,
-            # Flux samples with flow-matching Euler; Forge writes it as Euler with the Simple schedule.
-            "Sampler": "Euler" if flux else sampler.display,
-            "Schedule type": "Simple" if flux else sampler.schedule_type,
+            "Sampler": sampler.display,
+            "Schedule type": sampler.schedule_type,
             "CFG scale": f"{sp.cfg_scale:g}",
-            "Distilled CFG Scale": f"{sp.guidance:g}"
-            if flux and self.base.unet.config.guidance_embeds
-            else None,
+            "Distilled CFG Scale": None,
             "Seed": sp.seed,
             "Size": f"{sp.width}x{sp.height}",
             "Model hash": model_hash,
@@ -330,6 +257,8 @@ class Sampler:
             **(extra or {}),
             "Version": f"loracord {version('loracord')}",
         }
+        # Families with their own sampler say so here (Flux: Euler, Simple, its distilled guidance).
+        fields.update(self.family.parameters_fields(self.base, self.request(sp)))
         return format_parameters(sp.prompt, sp.negative, fields)
 
 
@@ -361,13 +290,13 @@ def size_limits(base: Base) -> tuple[int, int]:
 
 def _size(spec: GenSpec, base: Base) -> tuple[int, int]:
     lo, hi = size_limits(base)
-    # Flux packs 2x2 latent patches: sides divide by twice the VAE's factor (16 for FLUX.1).
-    step = 2 * base.vae_scale_factor if base.family == "flux" else 8
+    fam = family(base.family)
+    step = fam.size_step(base)
     width, height = spec.width or base.native_resolution, spec.height or base.native_resolution
     for what, side in (("width", width), ("height", height)):
         if not lo <= side <= hi or side % step:
             raise SpecError(
-                f"{what} {side} does not suit {base.name} ({FAMILY_NAMES[base.family]}): "
+                f"{what} {side} does not suit {base.name} ({fam.display_name}): "
                 f"use {lo}-{hi}, a multiple of {step}"
             )
     return width, height
@@ -406,8 +335,7 @@ def gen_images(spec: GenSpec, cache: PipelineCache, cancel: threading.Event | No
     )
     seed = random.randrange(2**32) if spec.seed is None else spec.seed
     warm.sampler.clip_skip = spec.clip_skip
-    # Flux dev is guidance-distilled: true CFG (cfg_scale above 1, twice the work) only when asked.
-    cfg_scale = spec.cfg_scale if base.family != "flux" or "cfg_scale" in spec.model_fields_set else 1.0
+    cfg_scale = family(base.family).gen_cfg_scale(spec.cfg_scale, "cfg_scale" in spec.model_fields_set)
     out = []
     for i in range(spec.count):
         if cancel is not None and cancel.is_set():

@@ -8,8 +8,6 @@ from pathlib import Path
 from ..formats.kohya import addnet_hash_safetensors
 from ..spec import SpecError
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux.1"}
-
 
 def find_lora(name: str, lora_dir: str | Path | None) -> Path:
     """A LoRA by name (its file name without ``.safetensors``, anywhere under ``lora_dir``) or by path."""

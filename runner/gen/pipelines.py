@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..families.models import Base, load_base
-from ..formats.flux_keys import diffusers_state_dict
-from ..formats.kohya import LoraFileError, lora_family, read_lora
+from ..families.model import Base
+from ..families.registry import family, load_base, lora_family
+from ..formats.kohya import LoraFileError, read_lora
 from ..spec import SpecError
 from .generate import Sampler
-from .loras import FAMILY_NAMES, lora_short_hash
+from .loras import lora_short_hash
 
 
 @dataclass
@@ -150,12 +150,12 @@ class PipelineCache:
         if known is not None:
             self._unload(warm, key)
         tensors, metadata = read_lora(key)
-        family = lora_family(tensors, metadata)
+        trained_on = lora_family(tensors, metadata)
         base = warm.base
-        if family is not None and family != base.family:
+        if trained_on is not None and trained_on != base.family:
             raise SpecError(
-                f"{path.name} is an {FAMILY_NAMES[family]} LoRA; it cannot be used with "
-                f"{base.name}, an {FAMILY_NAMES[base.family]} model"
+                f"{path.name} is an {family(trained_on).display_name} LoRA; it cannot be used with "
+                f"{base.name}, an {family(base.family).display_name} model"
             )
         nbytes = sum(t.numel() for t in tensors.values()) * torch.finfo(self.dtype).bits // 8
         while len(warm.loras) >= self.max_loras and self._evict_lora(warm, keep):
@@ -164,14 +164,12 @@ class PipelineCache:
         adapter = f"lora{warm.next_id}"
         warm.next_id += 1
         try:
-            if base.family == "flux":
-                # kohya's Flux keys split for this model's sizes (diffusers' converter assumes FLUX.1's).
-                tensors = diffusers_state_dict(tensors, base.unet, base.text_encoders[0])
+            tensors = family(base.family).loadable_lora(tensors, base)
             with _quiet_transformers():
                 warm.sampler.pipe.load_lora_weights(tensors, adapter_name=adapter)
         except Exception as e:  # diffusers/peft raise many types for keys or shapes that do not fit
             self._drop_adapter(warm, adapter)
-            why = "it was made for another model" if family is None else str(e).splitlines()[0]
+            why = "it was made for another model" if trained_on is None else str(e).splitlines()[0]
             raise LoraFileError(f"{path.name} does not fit {base.name} ({why})") from e
         lora = LoadedLora(adapter, key, stamp, lora_short_hash(key, metadata), nbytes)
         warm.loras[key] = lora

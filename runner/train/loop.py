@@ -35,9 +35,9 @@ from ..data.dataset import (
     load_dataset,
     load_image,
 )
-from ..families.clip_text import Conditioning
-from ..families.flux import check_family_settings, store_fp8
-from ..families.models import Base, ModelError, load_base
+from ..families.model import Base
+from ..families.protocol import Batch, Conditioning, ImageSize, ModelError
+from ..families.registry import check_settings, family, load_base, text_encoding, with_preset
 from ..formats.kohya import TrainingFacts, kohya_state_dict, save_lora, training_metadata
 from ..gen.generate import (
     Sampler,
@@ -58,12 +58,9 @@ from ..spec import (
     epoch_file,
     sample_file,
     state_folder,
-    text_encoding,
 )
 from .network import add_lora, load_lora_state, lora_state, param_groups
-from .objectives import Batch, make_objective
 from .optimizers import make_optimizer
-from .presets import with_preset
 
 Emit = Callable[[Any], None]
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
@@ -79,11 +76,7 @@ def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
     step = merged["bucket_reso_steps"]
     merged["min_bucket_reso"] = merged["min_bucket_reso"] or max(step, min(res) // 2 // step * step)
     merged["max_bucket_reso"] = merged["max_bucket_reso"] or max(res) * 2
-    if base.family == "sdxl" and merged["clip_skip"] not in (None, 1, 2):
-        raise SpecError(
-            "clip_skip: SDXL always uses the penultimate text-encoder layer; leave clip_skip unset"
-        )
-    check_family_settings(merged, base)
+    check_settings(merged, base)
     n_layers = base.text_encoders[0].config.num_hidden_layers
     if merged["clip_skip"] and merged["clip_skip"] > n_layers:
         raise SpecError(
@@ -111,8 +104,9 @@ class Trainer:
 
     def _setup(self) -> None:
         self.emit(StageEvent(stage="load_model", message=f"loading {self.request.base}"))
-        # Flux as it is released, in bf16: its transformer never passes through fp32 on the host.
-        self.base = load_base(self.request.base, flux_dtype=torch.bfloat16)
+        # Large DiTs as they are released, in bf16: they never pass through fp32 on the host.
+        self.base = load_base(self.request.base, dtype=torch.bfloat16)
+        self.family = family(self.base.family)
         self.spec = spec = concrete_spec(self.request, self.base)
         self.out = Path(spec.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -125,10 +119,9 @@ class Trainer:
         # Frozen weights live in the compute dtype on a GPU; on a CPU autocast handles it and
         # fp32 weights keep results exact and reproducible.
         weight_dtype = self.autocast_dtype if self.device.type == "cuda" else torch.float32
-        if spec.fp8_base:
-            store_fp8(self.base.unet, weight_dtype)
+        self.family.prepare_training(self.base, spec, weight_dtype)
         self.base.to(self.device, weight_dtype)
-        self.objective = make_objective(self.base, spec, self.device, self.autocast_dtype)
+        self.objective = self.family.objective(self.base, spec, self.device, self.autocast_dtype)
         # Sample lines are checked now, not after the first epoch's hour of training.
         entries = spec.sample_prompts or default_sample_prompts(
             spec.trigger_word, self.dataset.common_tags(8)
@@ -139,7 +132,7 @@ class Trainer:
             height=h,
             steps=spec.sample_steps,
             sampler=spec.sample_sampler,
-            **self.objective.sample_defaults,
+            **self.family.sample_defaults,
         )
         try:
             self.sample_prompts = [
@@ -267,19 +260,6 @@ class Trainer:
         noise = torch.randn(dist.mean.shape[1:], generator=seeded).to(dist.mean.device, dist.mean.dtype)
         return self._scaled(dist.mean[0] + dist.std[0] * noise)
 
-    def _time_ids(self, items: list[ImageItem]) -> torch.Tensor:
-        # SDXL's micro-conditioning: original size, crop offset, target size. They follow from
-        # the sizes alone (load_image resizes to cover and crops the centre), so cached latents
-        # need no image reads here.
-        rows = []
-        for item in items:
-            ow, oh = item.size
-            bw, bh = item.bucket
-            scale = max(bw / ow, bh / oh)
-            rw, rh = round(ow * scale), round(oh * scale)
-            rows.append([oh, ow, (rh - bh) // 2, (rw - bw) // 2, bh, bw])
-        return torch.tensor(rows, device=self.device, dtype=torch.float32)
-
     def _batch(self, pairs: list[tuple[ImageItem, bool]], epoch: int, rng: random.Random) -> Batch:
         items = [p[0] for p in pairs]
         flips = [p[1] for p in pairs]
@@ -290,17 +270,12 @@ class Trainer:
             latents = self._scaled(self._latent_dist(items, flips).sample(generator=self.gen))
         captions = [self.rules.apply(i.caption, epoch, rng) for i in items]
         if self.text.cached:
-            parts = [self.cond_cache[c] for c in captions]
-            cond = Conditioning(
-                torch.cat([p.hidden_states for p in parts]),
-                None if parts[0].pooled is None else torch.cat([p.pooled for p in parts]),
-            )
-            if self.text.every_step:  # Flux's trained CLIP-L beside T5-XXL's cached outputs
-                cond = self.objective.encode_text(captions, grad=True, t5=cond.hidden_states)
+            cond = Conditioning.join([self.cond_cache[c] for c in captions])
+            if self.text.every_step:  # trained encoders (Flux's CLIP-L) beside the cached ones' outputs
+                cond = self.objective.encode_text(captions, grad=True, cached=cond)
         else:
             cond = self.objective.encode_text(captions, grad=self.spec.train_text_encoder)
-        time_ids = self._time_ids(items) if self.base.family == "sdxl" else None
-        return Batch(latents, cond, time_ids)
+        return Batch(latents, cond, [ImageSize(i.size, i.bucket) for i in items])
 
     # ---- saving and resuming ----
 

@@ -1,9 +1,8 @@
-"""Which modules get LoRA and how they train: kohya's ``networks.lora`` targets, built with peft.
+"""LoRA layers on a base model, built with peft: kohya's ``networks.lora`` init, scale and
+learning-rate groups. Which modules get LoRA is the family's answer (``Family.lora_targets``).
 
-The UNet gets LoRA on every Linear and 1x1 conv inside its transformer blocks and, with
-``conv_dim`` (LoCon), on the resnets, downsamplers and upsamplers too; the text encoders on the
-attention and MLP projections. Init is kohya's (kaiming-uniform down, zero up) and the scale is
-alpha/rank, so a file saved from these layers means the same thing to every loader.
+Init is kohya's (kaiming-uniform down, zero up) and the scale is alpha/rank, so a file saved from
+these layers means the same thing to every loader.
 """
 
 from __future__ import annotations
@@ -13,40 +12,15 @@ import re
 from dataclasses import dataclass
 
 import torch
-from diffusers import Transformer2DModel
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-from diffusers.models.upsampling import Upsample2D
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention
 
-from ..families.models import Base
-from ..spec import Family, SpecError, TrainSpec
+from ..families.model import Base
+from ..families.protocol import Target
+from ..families.registry import family
+from ..spec import SpecError, TrainSpec
 
 ADAPTER = "default"
-
-# kohya's UNET_TARGET_REPLACE_MODULE, its CONV2D_3X3 additions, and TEXT_ENCODER_TARGET_REPLACE_MODULE.
-_UNET_ATTN_PARENTS = (Transformer2DModel,)
-_UNET_CONV_PARENTS = (ResnetBlock2D, Downsample2D, Upsample2D)
-_TE_PARENTS = (CLIPAttention, CLIPMLP)
-# kohya's FLUX_TARGET_REPLACE_MODULE_DOUBLE/_SINGLE: every Linear of the double and single blocks.
-_FLUX_PARENTS = (FluxTransformerBlock, FluxSingleTransformerBlock)
-
-# kohya numbers a full UNet's blocks IN00..IN11 / OUT00..OUT11 (SD1.5) and IN00..IN08 / OUT00..OUT08 (SDXL).
-BLOCKS_PER_SIDE: dict[Family, int] = {"sd15": 12, "sdxl": 9}
-
-_UPDOWN = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One module that gets LoRA, with its own rank and alpha."""
-
-    name: str
-    rank: int
-    alpha: float
 
 
 @dataclass(frozen=True)
@@ -83,22 +57,6 @@ def components(base: Base) -> list[tuple[str, torch.nn.Module]]:
     return [("unet", base.unet)] + [(f"te{i + 1}", te) for i, te in enumerate(base.text_encoders)]
 
 
-def unet_block(name: str, layers_per_block: int) -> str | None:
-    """kohya's block label for a diffusers UNet module path (kohya's get_block_index, generalised)."""
-    if name.startswith("mid_block."):
-        return "MID"
-    m = _UPDOWN.match(name)
-    if not m:
-        return None
-    side, i, kind, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-    per = layers_per_block + 1
-    if side == "down":
-        idx = (i + 1) * per if kind == "downsamplers" else i * per + j + 1
-        return f"IN{idx:02d}"
-    idx = i * per + (layers_per_block if kind == "upsamplers" else j)
-    return f"OUT{idx:02d}"
-
-
 def _preset(name: str, n: int) -> list[float]:
     # kohya's get_block_lr_weight presets, without the "+base" suffix the spec does not accept.
     ramp = [i / (n - 1) for i in range(n)]
@@ -112,71 +70,26 @@ def _preset(name: str, n: int) -> list[float]:
     }[name]
 
 
-def block_lr_weights(spec: TrainSpec, family: Family) -> dict[str, float] | None:
-    """Learning-rate multiplier per UNet block label, or None when no block weights are set."""
+def block_lr_weights(spec: TrainSpec, family_name: str) -> dict[str, float] | None:
+    """Learning-rate multiplier per UNet block label, or None when no block weights are set (families
+    without UNet blocks refuse them: see their ``refused``)."""
     if spec.down_lr_weight is None and spec.mid_lr_weight is None and spec.up_lr_weight is None:
         return None
-    n = BLOCKS_PER_SIDE[family]
+    n = family(family_name).blocks_per_side
+    if n is None:
+        raise SpecError(f"block weights need a UNet; {family_name} has none")
     weights: dict[str, float] = {"MID": 1.0 if spec.mid_lr_weight is None else spec.mid_lr_weight}
     for setting, label in (("down_lr_weight", "IN"), ("up_lr_weight", "OUT")):
         value = getattr(spec, setting)
         values = [1.0] * n if value is None else _preset(value, n) if isinstance(value, str) else list(value)
         if len(values) != n:
-            raise SpecError(f"{setting} needs {n} values for {family} (got {len(values)})")
+            raise SpecError(f"{setting} needs {n} values for {family_name} (got {len(values)})")
         weights.update({f"{label}{k:02d}": w for k, w in enumerate(values)})
     return weights
 
 
 def _block_weight(weights: dict[str, float] | None, block: str | None) -> float:
     return 1.0 if weights is None or block is None else weights[block]
-
-
-def _is_pointwise(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear) or (
-        isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
-    )
-
-
-def _flux_targets(transformer: torch.nn.Module, spec: TrainSpec) -> list[Target]:
-    return [
-        Target(f"{parent_name}.{child_name}", spec.network_dim, spec.network_alpha)
-        for parent_name, parent in transformer.named_modules()
-        if isinstance(parent, _FLUX_PARENTS)
-        for child_name, child in parent.named_modules()
-        if isinstance(child, torch.nn.Linear)
-    ]
-
-
-def _unet_targets(unet: torch.nn.Module, spec: TrainSpec, weights: dict[str, float] | None) -> list[Target]:
-    lpb = int(unet.config.layers_per_block)
-    parents = _UNET_ATTN_PARENTS + (_UNET_CONV_PARENTS if spec.conv_dim else ())
-    found: dict[str, Target] = {}
-    for parent_name, parent in unet.named_modules():
-        if not isinstance(parent, parents):
-            continue
-        for child_name, child in parent.named_modules():
-            name = f"{parent_name}.{child_name}"
-            if _is_pointwise(child):
-                rank, alpha = spec.network_dim, spec.network_alpha
-            elif isinstance(child, torch.nn.Conv2d) and spec.conv_dim:
-                # kohya: conv_alpha defaults to 1 when only conv_dim is given.
-                rank, alpha = spec.conv_dim, 1.0 if spec.conv_alpha is None else spec.conv_alpha
-            else:
-                continue
-            # kohya drops the modules of blocks weighted 0 instead of training them at lr 0.
-            if _block_weight(weights, unet_block(name, lpb)) > 0:
-                found[name] = Target(name, rank, alpha)
-    return list(found.values())
-
-
-def _te_targets(te: torch.nn.Module, spec: TrainSpec) -> list[Target]:
-    return [
-        Target(f"{parent_name}.{child_name}", spec.network_dim, spec.network_alpha)
-        for parent_name, parent in te.named_modules()
-        if isinstance(parent, _TE_PARENTS)
-        for child_name, child in parent.named_children()
-        if isinstance(child, torch.nn.Linear)
-    ]
 
 
 def _lora_config(targets: list[Target], spec: TrainSpec) -> LoraConfig:
@@ -201,26 +114,24 @@ def _lora_config(targets: list[Target], spec: TrainSpec) -> LoraConfig:
 
 
 def add_lora(base: Base, spec: TrainSpec) -> None:
-    """Add a LoRA adapter to the UNet and/or the text encoders, as the spec asks.
+    """Add a LoRA adapter to the modules the family targets for this spec.
 
     Components the spec does not train, and UNet blocks weighted 0, get no LoRA at all (as in kohya).
-    Flux trains its transformer and CLIP-L; T5-XXL stays frozen (kohya's default). The LoRA weights
-    are fp32 whatever the base's dtype, and seeded by torch's global RNG (see ``_init_fp32``).
+    The LoRA weights are fp32 whatever the base's dtype, and seeded by torch's global RNG (see
+    ``_init_fp32``).
     """
-    flux = base.family == "flux"
+    targets = family(base.family).lora_targets(base, spec, block_lr_weights(spec, base.family))
+    models = dict(components(base))
     # peft's own draws are replaced by _init_fp32's; forking keeps them from shifting the seed.
     with torch.random.fork_rng(devices=[]):
-        if spec.train_unet:
-            if flux:
-                targets = _flux_targets(base.unet, spec)
+        for component, wanted in targets.items():
+            if not wanted:
+                continue
+            if component == "unet":
+                base.unet.add_adapter(_lora_config(wanted, spec), adapter_name=ADAPTER)
             else:
-                targets = _unet_targets(base.unet, spec, block_lr_weights(spec, base.family))
-            if targets:
-                base.unet.add_adapter(_lora_config(targets, spec), adapter_name=ADAPTER)
-        if spec.train_text_encoder:
-            for te in base.text_encoders[:1] if flux else base.text_encoders:
                 # transformers' own add_adapter refuses peft < 0.22 (none released yet); this is the call it makes.
-                inject_adapter_in_model(_lora_config(_te_targets(te, spec), spec), te, adapter_name=ADAPTER)
+                inject_adapter_in_model(_lora_config(wanted, spec), models[component], adapter_name=ADAPTER)
     _init_fp32(base)
 
 
@@ -271,12 +182,11 @@ def param_groups(base: Base, spec: TrainSpec) -> list[dict]:
     learning rate is 0 is left out and its parameters frozen.
     """
     weights = block_lr_weights(spec, base.family)
+    fam = family(base.family)
     groups: dict[str, dict] = {}
     for m in lora_modules(base):
         if m.component == "unet":
-            block = (
-                unet_block(m.name, int(base.unet.config.layers_per_block)) if weights is not None else None
-            )
+            block = fam.block_of(m.component, m.name, base) if weights is not None else None
             name = "unet" if block is None else f"unet_{block}"
             lr = spec.effective_unet_lr * _block_weight(weights, block)
         else:

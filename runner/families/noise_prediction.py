@@ -1,52 +1,18 @@
-"""What one training step computes, per model family: caption encoding and the loss of a batch.
-
-The trainer's loop is the same for every family; it asks its objective for these two things.
-SD1.5/SDXL predict noise (or v) on DDPM's schedule (:class:`NoisePrediction`); Flux trains by flow
-matching (:class:`runner.families.flux.FlowMatching`).
-"""
+"""SD1.5 and SDXL's training objective: epsilon or v prediction on DDPM's schedule, as kohya's
+train_network computes it (noise offset, multires noise, min-SNR weighting, SDXL's micro-conditioning)."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from ..families.clip_text import Conditioning, encode_prompts
-from ..families.models import Base
 from ..spec import TrainSpec
-
-
-@dataclass
-class Batch:
-    latents: torch.Tensor
-    cond: Conditioning
-    time_ids: torch.Tensor | None  # SDXL micro-conditioning
-
-
-class Objective(Protocol):
-    sample_defaults: dict[str, Any]  # parse_sample_prompt defaults for previews
-
-    def encode_text(self, captions: list[str], grad: bool) -> Conditioning: ...
-
-    def text_cached(self) -> None:
-        """Called once every caption's conditioning is cached: frozen encoders may leave the GPU."""
-
-    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor: ...
-
-
-def make_objective(
-    base: Base, spec: TrainSpec, device: torch.device, autocast_dtype: torch.dtype
-) -> Objective:
-    """The family's objective."""
-    if base.family == "flux":
-        from ..families.flux import FlowMatching
-
-        return FlowMatching(base, spec, device, autocast_dtype)
-    return NoisePrediction(base, spec, device, autocast_dtype)
+from .clip_text import encode_prompts
+from .model import Base
+from .protocol import Batch, Conditioning, ImageSize
 
 
 def pyramid_noise(
@@ -74,10 +40,16 @@ def pyramid_noise(
 class NoisePrediction:
     """SD1.5/SDXL: epsilon or v prediction on the base's DDPM schedule, as kohya's train_network."""
 
-    sample_defaults: dict[str, Any] = {}
-
-    def __init__(self, base: Base, spec: TrainSpec, device: torch.device, autocast_dtype: torch.dtype):
+    def __init__(
+        self,
+        base: Base,
+        spec: TrainSpec,
+        device: torch.device,
+        autocast_dtype: torch.dtype,
+        micro_conditioning: bool = False,
+    ):
         self.base, self.spec, self.device = base, spec, device
+        self.micro_conditioning = micro_conditioning  # SDXL's size and crop conditioning
         self.autocast_dtype = autocast_dtype
         self.noise_scheduler = base.noise_scheduler()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
@@ -89,7 +61,9 @@ class NoisePrediction:
             self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"
         )
 
-    def encode_text(self, captions: list[str], grad: bool) -> Conditioning:
+    def encode_text(
+        self, captions: list[str], grad: bool, cached: Conditioning | None = None
+    ) -> Conditioning:
         with torch.set_grad_enabled(grad), self._autocast():
             return encode_prompts(
                 self.base,
@@ -128,6 +102,18 @@ class NoisePrediction:
             )
         return noise
 
+    def _time_ids(self, sizes: list[ImageSize]) -> torch.Tensor:
+        # SDXL's micro-conditioning: original size, crop offset, target size. They follow from the
+        # sizes alone (load_image resizes to cover and crops the centre), so cached latents need no
+        # image reads here.
+        rows = []
+        for size in sizes:
+            (ow, oh), (bw, bh) = size.original, size.bucket
+            scale = max(bw / ow, bh / oh)
+            rw, rh = round(ow * scale), round(oh * scale)
+            rows.append([oh, ow, (rh - bh) // 2, (rw - bw) // 2, bh, bw])
+        return torch.tensor(rows, device=self.device, dtype=torch.float32)
+
     def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         """Draws from ``gen`` in kohya's order: noise, noise offset, pyramid octaves, timesteps."""
         sched = self.noise_scheduler
@@ -140,8 +126,8 @@ class NoisePrediction:
         prediction_type = sched.config.prediction_type
         target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         added = None
-        if batch.time_ids is not None:
-            added = {"text_embeds": batch.cond.pooled, "time_ids": batch.time_ids}
+        if self.micro_conditioning:
+            added = {"text_embeds": batch.cond.pooled, "time_ids": self._time_ids(batch.sizes)}
         with self._autocast():
             pred = self.base.unet(noisy, t, batch.cond.hidden_states, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

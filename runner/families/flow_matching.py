@@ -1,0 +1,109 @@
+"""The rectified-flow objective the DiT families (Flux.1, Z-Image) train with, as kohya's
+``flux_train_utils`` computes it; each family supplies its transformer's call.
+
+Flow matching: ``x_t = (1 - σ) x_0 + σ ε`` and the model predicts the velocity ``ε - x_0``
+(kohya's ``target = noise - latents``). Timestep sampling follows kohya's ``--timestep_sampling``:
+``sigma`` (uniform over the shifted training schedule), ``uniform``, ``sigmoid`` (of a scaled
+normal), ``shift`` (sigmoid, then ``discrete_flow_shift``) and ``flux_shift`` (the shift FLUX.1 uses
+for the image's size).
+
+Torch is imported inside the methods, so that family modules can subclass this one and stay
+importable without torch (the bot reads them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..spec import TrainSpec
+    from .model import Base
+    from .protocol import Batch, Conditioning
+
+
+def size_problems(settings: Mapping[str, Any], step: int, family: str) -> list[str]:
+    """DiTs pack 2x2 latent patches, so every bucket side must divide by twice the VAE's factor."""
+    sizes = {"bucket_reso_steps": [settings["bucket_reso_steps"]], "resolution": list(settings["resolution"])}
+    return [
+        f"{k} must be a multiple of {step} for {family} (got {'x'.join(map(str, v))})"
+        for k, v in sizes.items()
+        if any(side % step for side in v)
+    ]
+
+
+class FlowMatching:
+    """Timestep sampling and the loss; subclasses encode captions and call their transformer."""
+
+    def __init__(self, base: Base, spec: TrainSpec, device: torch.device, autocast_dtype: torch.dtype):
+        self.base, self.spec, self.device = base, spec, device
+        self.autocast_dtype = autocast_dtype
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        # kohya's training schedule: 1000 steps shifted by discrete_flow_shift, no dynamic shift.
+        self.schedule = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=spec.discrete_flow_shift
+        )
+
+    def _autocast(self) -> torch.autocast:
+        import torch
+
+        return torch.autocast(
+            self.device.type, self.autocast_dtype, enabled=self.spec.mixed_precision != "no"
+        )
+
+    def text_cached(self) -> None:
+        pass
+
+    def encode_text(
+        self, captions: list[str], grad: bool, cached: Conditioning | None = None
+    ) -> Conditioning:
+        raise NotImplementedError
+
+    def velocity(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The transformer's prediction of ``ε - x_0`` for ``noisy`` latents [B, C, H, W] at ``sigmas``."""
+        raise NotImplementedError
+
+    def _sigmas(self, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+        import torch
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        spec, kind = self.spec, self.spec.timestep_sampling
+        if kind == "sigma":
+            index = (torch.rand(n, generator=gen, device=self.device) * 1000).long()
+            return self.schedule.sigmas.to(self.device)[index]
+        if kind == "uniform":
+            return torch.rand(n, generator=gen, device=self.device)
+        sigmas = torch.sigmoid(spec.sigmoid_scale * torch.randn(n, generator=gen, device=self.device))
+        if kind == "shift":
+            shift = spec.discrete_flow_shift
+            return sigmas * shift / (1 + (shift - 1) * sigmas)
+        if kind == "flux_shift":
+            return self.schedule.time_shift(calculate_shift(seq_len), 1.0, sigmas)
+        return sigmas  # sigmoid
+
+    def loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        latents = batch.latents
+        b, _, h, w = latents.shape
+        noise = torch.randn(latents.shape, generator=gen, device=self.device)
+        # Both DiTs see the latents in 2x2 patches: the sequence is (h/2)(w/2) tokens long.
+        sigmas = self._sigmas(b, (h // 2) * (w // 2), gen)
+        s = sigmas.view(-1, 1, 1, 1)
+        noisy = (1 - s) * latents + s * noise
+        with self._autocast():
+            pred = self.velocity(noisy, sigmas, batch.cond).float()
+        # kohya's apply_model_prediction_type; the target stays noise - latents for all three.
+        # (kohya's sigma_scaled also weights the loss by its weighting_scheme, uniform by default:
+        # loracord has no weighting_scheme, so the weight is always 1.)
+        kind = self.spec.model_prediction_type
+        if kind == "additive":
+            pred = pred + noisy
+        elif kind == "sigma_scaled":
+            pred = pred * -s + noisy
+        target = noise - latents
+        return F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3)).mean()

@@ -1,0 +1,133 @@
+"""The loaded base model every family fills in, and the helpers families share to build one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .protocol import ModelError
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@dataclass
+class Base:
+    """Everything the trainer and the sampler need from one base checkpoint."""
+
+    name: str
+    family: str  # the family's name; runner.families.registry.family(name) gives its code
+    # The denoiser: a UNet, or a DiT's transformer (kohya calls every denoiser "unet": lora_unet_…).
+    unet: Any
+    vae: AutoencoderKL
+    text_encoders: list[PreTrainedModel]
+    tokenizers: list[PreTrainedTokenizerBase]
+    scheduler_config: dict[str, Any]
+    native_resolution: int
+    # The checkpoint file's SHA-256 (kohya's ss_new_sd_model_hash) and A1111's old 8-hex hash (kohya's
+    # ss_sd_model_hash); None when there is no single file to hash (a diffusers folder, tiny/random).
+    sha256: str | None = None
+    legacy_hash: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash": the first 10 hex digits of the checkpoint file's SHA-256."""
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Base:
+        # The VAE stays in fp32 (or bf16): SDXL's VAE overflows in fp16 and gives black images.
+        vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        for m, want in (
+            (self.unet, dtype),
+            *((te, dtype) for te in self.text_encoders),
+            (self.vae, vae_dtype),
+        ):
+            # A dtype is passed only when it changes: diffusers warns on every cast otherwise.
+            m.to(device) if want in (None, m.dtype) else m.to(device, want)
+        return self
+
+
+def finish(base: Base) -> Base:
+    """Frozen and in eval mode, as every loader hands a base over."""
+    for m in (base.unet, base.vae, *base.text_encoders):
+        m.eval()
+        m.requires_grad_(False)
+    return base
+
+
+def config(family: str, part: str) -> dict[str, Any]:
+    """A shipped full-size config (``runner/configs/<family>/<part>/config.json``)."""
+    return json.loads((CONFIGS / family / part / "config.json").read_text())
+
+
+def scheduler_config(family: str) -> dict[str, Any]:
+    return json.loads((CONFIGS / family / "scheduler" / "scheduler_config.json").read_text())
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path.parent.name}/{path.name} is missing or damaged ({e})") from None
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """The file's SHA-256 and A1111's legacy hash (SHA-256 of the 64 KiB at 1 MiB, first 8 hex), as
+    kohya's train_util.calculate_sha256 and model_hash compute them."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    return sha.hexdigest(), legacy
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Modules built from a config take torch's default dtype; a full-size DiT built in fp32 and cast
+    # afterwards would hold its whole fp32 transformer on the host first.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def biased_layer_norms(encoders: list) -> None:
+    # Trained CLIP encoders have non-zero LayerNorm biases, so their outputs have a non-zero mean;
+    # fresh ones output exactly zero-mean tokens, and A1111's emphasis, which restores the mean
+    # after weighting, would divide by ~0. Random models should behave like real ones.
+    for encoder in encoders:
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.1)
+
+
+TINY_VAE = dict(
+    block_out_channels=[32, 64],
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    norm_num_groups=32,
+    down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    sample_size=64,
+)
