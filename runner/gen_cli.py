@@ -104,8 +104,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
         return _fail(str(e))
     from .families.protocol import ModelError
     from .formats.kohya import LoraFileError
-    from .gen.generate import lora_grid, save_png
+    from .gen.generate import lora_grid
     from .gen.pipelines import PipelineCache
+    from .gen.sampler import save_png
 
     try:
         grid = lora_grid(template, args.name, args.weights, args.prompt, PipelineCache(args.device), epochs)

@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 from runner.families.flux import FlowMatching, diffusers_state_dict, store_fp8
 from runner.families.protocol import Batch
 from runner.families.registry import load_base
-from runner.formats.kohya import effective_delta, kohya_state_dict
+from runner.formats.kohya import effective_delta
 from runner.gen.generate import gen_images
 from runner.gen.pipelines import PipelineCache
 from runner.selftest import make_demo_dataset
 from runner.spec import DoneEvent, FailedEvent, GenSpec, SpecError, TrainSpec
 from runner.train.loop import concrete_spec, train
-from runner.train.network import add_lora, lora_modules
+from runner.train.network import add_lora, kohya_state_dict, lora_modules
 
 
 def spec_for(**settings) -> TrainSpec:

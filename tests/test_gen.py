@@ -14,12 +14,12 @@ from runner.cli import main as cli_main
 from runner.families.registry import load_base
 from runner.families.stable_diffusion import kohya_name
 from runner.formats.infotext import LoraTag, parse_parameters, split_lora_tags
-from runner.formats.kohya import effective_delta, kohya_state_dict, lora_hashes
+from runner.formats.kohya import effective_delta, lora_hashes
 from runner.gen.generate import epoch_files, gen_images, lora_grid
 from runner.gen.grid import image_grid
 from runner.gen.pipelines import PipelineCache
 from runner.spec import FailedEvent, GenSpec, ImagesEvent, SpecError, TrainSpec
-from runner.train.network import add_lora
+from runner.train.network import add_lora, kohya_state_dict
 from runner.worker import Worker
 
 VERSION = version("loracord")

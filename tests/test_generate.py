@@ -14,12 +14,10 @@ from peft import LoraConfig
 from PIL import Image
 
 from runner.families.registry import load_base
-from runner.gen.generate import (
-    DEFAULT_NEGATIVE,
+from runner.gen.sample_prompts import DEFAULT_NEGATIVE, SamplePrompt, default_sample_prompts
+from runner.gen.sampler import (
     SAMPLERS,
-    SamplePrompt,
     Sampler,
-    default_sample_prompts,
     make_scheduler,
     parse_sample_prompt,
     resolve_sampler,

@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_unet_state_dict_to_peft
 
+from runner.families.ldm import unet_to_ldm
 from runner.families.registry import base_to_ldm, load_base, lora_family, save_pipeline
 from runner.families.stable_diffusion import kohya_name
 from runner.formats import kohya as lora_io
@@ -18,14 +19,12 @@ from runner.formats.kohya import (
     LoraFileError,
     TrainingFacts,
     effective_delta,
-    kohya_state_dict,
     read_lora,
     save_lora,
     training_metadata,
 )
-from runner.formats.ldm import unet_to_ldm
 from runner.spec import TrainSpec
-from runner.train.network import ADAPTER, add_lora, lora_modules
+from runner.train.network import ADAPTER, add_lora, kohya_modules, kohya_state_dict, lora_modules
 
 
 def make_spec(family: str = "sd15", **kw) -> TrainSpec:
@@ -522,7 +521,7 @@ def test_full_size_sdxl_keys_are_kohyas_ldm_module_names_and_map_back(conv_dim):
 
     base = _meta_lora_base("sdxl", conv_dim, conv_dim is not None)
     unet = [m for m in lora_modules(base) if m.component == "unet"]
-    saved = {m.key for m in lora_io.kohya_modules(base) if m.key.startswith("lora_unet_")}
+    saved = {m.key for m in kohya_modules(base) if m.key.startswith("lora_unet_")}
     assert saved == {"lora_unet_" + path.replace(".", "_") for path in expected}
     # Underscored names stay unambiguous, so each key names one module of the original layout…
     by_key = {"lora_unet_" + path.replace(".", "_"): path for path in layout}

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from runner.families.clip_text import clip_tokenizer
-from runner.families.model import Base, file_hashes
-from runner.families.protocol import ModelError
+from runner.families.model import file_hashes
+from runner.families.protocol import Base, ModelError
 from runner.families.registry import base_to_ldm, load_base, save_pipeline
 
 FAMILIES = ["sd15", "sdxl"]
@@ -342,7 +342,8 @@ def test_pickled_checkpoints_are_never_opened(tmp_path):
 @pytest.mark.parametrize("name", ["/no/such/model.safetensors", "sd15", "tiny:", "some/hub-repo"])
 def test_unknown_names_list_what_is_accepted(name):
     with pytest.raises(
-        ModelError, match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, tiny:flux.*, random:sd15, random:sdxl, random:flux"
+        ModelError,
+        match="unknown base model .* tiny:sd15, tiny:sd15-v, tiny:sdxl, tiny:flux.*, random:sd15, random:sdxl, random:flux",
     ):
         load_base(name)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import runner.train.loop
+from runner.families.registry import family
 from runner.selftest import make_demo_dataset
 from runner.spec import (
     DoneEvent,
@@ -246,7 +246,7 @@ def _prompt_files(folder: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind", ["txt", "toml", "json"])
 def test_sample_prompt_files_are_read_with_kohyas_syntax(tmp_path, kind):
-    from runner.gen.generate import parse_sample_prompt
+    from runner.gen.sampler import parse_sample_prompt
 
     path = _prompt_files(tmp_path)[kind]
     spec = TrainSpec.parse(
@@ -350,10 +350,11 @@ def test_sample_every_n_epochs_and_steps_together_are_refused():
 
 def test_progress_loss_is_the_mean_of_the_steps_micro_batches(tmp_path, data, monkeypatch):
     losses: list[float] = []
-    make = runner.train.loop.make_objective
+    sd = type(family("sd15"))
+    make = sd.objective
 
-    def recording(*args, **kwargs):
-        objective = make(*args, **kwargs)
+    def recording(self, *args, **kwargs):
+        objective = make(self, *args, **kwargs)
         loss = objective.loss
 
         def spy(batch, gen):
@@ -364,7 +365,7 @@ def test_progress_loss_is_the_mean_of_the_steps_micro_batches(tmp_path, data, mo
         objective.loss = spy
         return objective
 
-    monkeypatch.setattr(runner.train.loop, "make_objective", recording)
+    monkeypatch.setattr(sd, "objective", recording)
     _, events = run(tmp_path, data, max_train_epochs=1, gradient_accumulation_steps=3)
     # 4 micro-batches an epoch in steps of 3: the second step has only the fourth.
     first, second = of(events, ProgressEvent)

@@ -25,8 +25,8 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..spec import TrainSpec
-from .model import CONFIGS, Base
-from .protocol import Conditioning, Target
+from .model import CONFIGS
+from .protocol import Base, Conditioning, Target
 
 CLIP_BPE = CONFIGS / "bpe_simple_vocab_16e6.txt.gz"
 # The real CLIP vocabulary has 49152 - 256 - 2 merges (the rest of the file is unused), as in

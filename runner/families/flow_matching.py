@@ -20,8 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..spec import TrainSpec
-    from .model import Base
-    from .protocol import Batch, Conditioning
+    from .protocol import Base, Batch, Conditioning
 
 
 def size_problems(settings: Mapping[str, Any], step: int, family: str) -> list[str]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import flow_matching
 from .presets import COMMON
-from .protocol import KohyaModule, ModelError, SampleRequest, Size, Target
+from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
 from .stable_diffusion import FLOW_MATCHING_SETTINGS
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from transformers import T5Tokenizer
 
     from ..spec import TrainSpec
-    from .model import Base
     from .protocol import Conditioning
 
 # Where a single-file transformer (flux1-dev.safetensors, as ComfyUI and Forge keep it) finds the
@@ -437,7 +436,7 @@ class Flux:
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         from .clip_text import TINY_NUM_MERGES, clip_tokenizer, tiny_clip_config
-        from .model import TINY_VAE, Base, biased_layer_norms, config, default_dtype, finish, scheduler_config
+        from .model import TINY_VAE, biased_layer_norms, config, default_dtype, finish, scheduler_config
 
         if variant:
             raise ModelError(f"unknown variant '{variant}' of {size}:flux")
@@ -488,7 +487,7 @@ class Flux:
         """A diffusers FLUX.1 folder (FluxPipeline) loaded in ``dtype``; ``transformer`` replaces the folder's own."""
         from diffusers import FluxPipeline
 
-        from .model import Base, finish
+        from .model import finish
 
         _check_components(path, path.name)
         kwargs = {"transformer": transformer} if transformer is not None else {}

@@ -11,8 +11,7 @@ from diffusers.training_utils import compute_snr
 
 from ..spec import TrainSpec
 from .clip_text import encode_prompts
-from .model import Base
-from .protocol import Batch, Conditioning, ImageSize
+from .protocol import Base, Batch, Conditioning, ImageSize
 
 
 def pyramid_noise(

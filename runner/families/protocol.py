@@ -10,22 +10,70 @@ the methods that need them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ..spec import TrainSpec
-    from .model import Base
 
 Size = Literal["tiny", "random"]
 
 
 class ModelError(ValueError):
     """A base model that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class Base:
+    """Everything the trainer and the sampler need from one base checkpoint."""
+
+    name: str
+    family: str  # the family's name; runner.families.registry.family(name) gives its code
+    # The denoiser: a UNet, or a DiT's transformer (kohya calls every denoiser "unet": lora_unet_…).
+    unet: Any
+    vae: AutoencoderKL
+    text_encoders: list[PreTrainedModel]
+    tokenizers: list[PreTrainedTokenizerBase]
+    scheduler_config: dict[str, Any]
+    native_resolution: int
+    # The checkpoint file's SHA-256 (kohya's ss_new_sd_model_hash) and A1111's old 8-hex hash (kohya's
+    # ss_sd_model_hash); None when there is no single file to hash (a diffusers folder, tiny/random).
+    sha256: str | None = None
+    legacy_hash: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash": the first 10 hex digits of the checkpoint file's SHA-256."""
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def noise_scheduler(self) -> DDPMScheduler:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Base:
+        import torch
+
+        # The VAE stays in fp32 (or bf16): SDXL's VAE overflows in fp16 and gives black images.
+        vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        for m, want in (
+            (self.unet, dtype),
+            *((te, dtype) for te in self.text_encoders),
+            (self.vae, vae_dtype),
+        ):
+            # A dtype is passed only when it changes: diffusers warns on every cast otherwise.
+            m.to(device) if want in (None, m.dtype) else m.to(device, want)
+        return self
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 from ..spec import SpecError, TextEncoding, TrainSpec, layer_settings, varying_caption_settings
 from . import flux, sd15, sdxl
 from .presets import PRESETS
-from .protocol import Family, ModelError
+from .protocol import Base, Family, ModelError
 
 if TYPE_CHECKING:
     import torch
 
-    from .model import Base
 
 # In the order they are told apart: SDXL's keys include SD1.5's, so SDXL is asked first.
 _DETECTION_ORDER: tuple[Family, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY)

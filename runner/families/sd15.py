@@ -76,7 +76,7 @@ class SD15(StableDiffusion):
         return [CLIPTextModel(CLIPTextConfig(**config(self.name, "text_encoder")))], [clip_tokenizer()]
 
     def _text_encoders_to_ldm(self, state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        from ..formats.ldm import clip_to_ldm
+        from .ldm import clip_to_ldm
 
         return clip_to_ldm(state_dicts[0], "cond_stage_model.transformer.")
 

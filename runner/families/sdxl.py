@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .protocol import ModelError, SampleRequest
+from .protocol import Base, ModelError, SampleRequest
 from .stable_diffusion import StableDiffusion
 
 if TYPE_CHECKING:
     import torch
 
     from ..spec import TrainSpec
-    from .model import Base
     from .protocol import Objective
 
 
@@ -117,7 +116,7 @@ class SDXL(StableDiffusion):
         return encoders, [clip_tokenizer(), clip_tokenizer(pad_token="!")]
 
     def _text_encoders_to_ldm(self, state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        from ..formats.ldm import clip_to_ldm, open_clip_to_ldm
+        from .ldm import clip_to_ldm, open_clip_to_ldm
 
         return clip_to_ldm(state_dicts[0], "conditioner.embedders.0.transformer.") | open_clip_to_ldm(
             state_dicts[1], "conditioner.embedders.1.model."

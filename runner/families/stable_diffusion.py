@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .presets import COMMON, KINDS
-from .protocol import KohyaModule, ModelError, SampleRequest, Size, Target
+from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
 
 if TYPE_CHECKING:
     import torch
 
     from ..spec import TrainSpec
-    from .model import Base
     from .protocol import Objective
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -65,7 +64,7 @@ def kohya_name(component: str, module: str, family: str, unet_config: Mapping[st
     if component != "unet":
         return te_key("lora_te" if family == "sd15" else f"lora_{component}", module)
     if family == "sdxl":
-        from ..formats.ldm import unet_module_to_ldm
+        from .ldm import unet_module_to_ldm
 
         if unet_config is None:
             raise ValueError("SDXL UNet modules need the UNet's config to get their kohya names")
@@ -82,6 +81,7 @@ class StableDiffusion:
     @property
     def short_name(self) -> str:
         return self.display_name
+
     native_resolution: int
     text_encoders: tuple[str, ...]
     blocks_per_side: int
@@ -185,7 +185,7 @@ class StableDiffusion:
         from diffusers import AutoencoderKL, UNet2DConditionModel
 
         from .clip_text import TINY_NUM_MERGES, clip_tokenizer
-        from .model import TINY_VAE, Base, biased_layer_norms, config, finish
+        from .model import TINY_VAE, biased_layer_norms, config, finish
 
         prediction = {"": "epsilon", "v": "v_prediction"}.get(variant)
         if prediction is None or (variant and size != "tiny"):
@@ -262,7 +262,7 @@ class StableDiffusion:
     def _from_pipeline(
         self, pipe: Any, name: str, sha256: str | None = None, legacy: str | None = None
     ) -> Base:
-        from .model import Base, finish
+        from .model import finish
 
         suffixes = [f"_{i + 1}" if i else "" for i in range(len(self.text_encoders))]
         encoders = [getattr(pipe, f"text_encoder{s}") for s in suffixes]
@@ -433,7 +433,7 @@ class StableDiffusion:
         return folder
 
     def single_file(self, base: Base) -> dict[str, torch.Tensor]:
-        from ..formats.ldm import unet_to_ldm, vae_to_ldm
+        from .ldm import unet_to_ldm, vae_to_ldm
 
         sd = unet_to_ldm(base.unet.state_dict(), base.unet.config)
         sd |= vae_to_ldm(base.vae.state_dict(), len(base.vae.config.block_out_channels))

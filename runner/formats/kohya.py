@@ -26,11 +26,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..families.model import Base
-from ..families.protocol import KohyaModule
+from ..families.protocol import Base
 from ..families.registry import family, lora_family
 from ..spec import TrainSpec
-from ..train.network import block_lr_weights, lora_modules
 
 
 class LoraFileError(ValueError):
@@ -55,22 +53,6 @@ class TrainingFacts:
 
 
 # ---- tensors ----
-
-
-def kohya_modules(base: Base) -> list[KohyaModule]:
-    """The live LoRA layers under the keys the family's LoRA files use."""
-    return family(base.family).kohya_modules(base, lora_modules(base))
-
-
-def kohya_state_dict(base: Base, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The live LoRA layers as a kohya state dict, on the CPU in ``dtype``."""
-    tensors: dict[str, torch.Tensor] = {}
-    for m in kohya_modules(base):
-        tensors[f"{m.key}.lora_down.weight"] = m.down.to("cpu", dtype).contiguous()
-        tensors[f"{m.key}.lora_up.weight"] = m.up.to("cpu", dtype).contiguous()
-        # kohya stores alpha in the save dtype too.
-        tensors[f"{m.key}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
-    return tensors
 
 
 def effective_delta(tensors: dict[str, torch.Tensor], module: str, multiplier: float = 1.0) -> torch.Tensor:
@@ -99,13 +81,13 @@ def effective_delta(tensors: dict[str, torch.Tensor], module: str, multiplier: f
 # ---- metadata ----
 
 
-def _network_args(spec: TrainSpec, family_name: str) -> dict[str, str]:
+def _network_args(spec: TrainSpec) -> dict[str, str]:
     # kohya passes network_args as key=value strings and records them as given.
     args: dict[str, str] = {}
     if spec.conv_dim is not None:
         args["conv_dim"] = str(spec.conv_dim)
         args["conv_alpha"] = str(1.0 if spec.conv_alpha is None else spec.conv_alpha)
-    if block_lr_weights(spec, family_name) is not None:
+    if any(getattr(spec, s) is not None for s in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")):
         for setting in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
             value = getattr(spec, setting)
             if value is not None:
@@ -178,7 +160,7 @@ def training_metadata(spec: TrainSpec, base: Base, facts: TrainingFacts) -> dict
         meta["ss_sd_model_hash"] = base.legacy_hash
         meta["ss_new_sd_model_hash"] = base.sha256
     meta.update(family(base.family).metadata(spec))
-    network_args = _network_args(spec, base.family)
+    network_args = _network_args(spec)
     if network_args:
         meta["ss_network_args"] = json.dumps(network_args)
     # kohya writes every value with str(): "True"/"False", "None", 1e-4 as "0.0001".

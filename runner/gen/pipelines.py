@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..families.model import Base
+from ..families.protocol import Base
 from ..families.registry import family, load_base, lora_family
 from ..formats.kohya import LoraFileError, read_lora
 from ..spec import SpecError
-from .generate import Sampler
 from .loras import lora_short_hash
+from .sampler import Sampler
 
 
 @dataclass

@@ -35,16 +35,11 @@ from ..data.dataset import (
     load_dataset,
     load_image,
 )
-from ..families.model import Base
-from ..families.protocol import Batch, Conditioning, ImageSize, ModelError
+from ..families.protocol import Base, Batch, Conditioning, ImageSize, ModelError
 from ..families.registry import check_settings, family, load_base, text_encoding, with_preset
-from ..formats.kohya import TrainingFacts, kohya_state_dict, save_lora, training_metadata
-from ..gen.generate import (
-    Sampler,
-    default_sample_prompts,
-    parse_sample_prompt,
-    save_png,
-)
+from ..formats.kohya import TrainingFacts, save_lora, training_metadata
+from ..gen.sample_prompts import default_sample_prompts
+from ..gen.sampler import Sampler, parse_sample_prompt, save_png
 from ..outcome import Cancelled, JobFailed, run_to_event
 from ..spec import (
     DoneEvent,
@@ -59,7 +54,7 @@ from ..spec import (
     sample_file,
     state_folder,
 )
-from .network import add_lora, load_lora_state, lora_state, param_groups
+from .network import add_lora, kohya_state_dict, load_lora_state, lora_state, param_groups
 from .optimizers import make_optimizer
 
 Emit = Callable[[Any], None]

@@ -15,8 +15,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from ..families.model import Base
-from ..families.protocol import Target
+from ..families.protocol import Base, KohyaModule, Target
 from ..families.registry import family
 from ..spec import SpecError, TrainSpec
 
@@ -233,3 +232,22 @@ def load_lora_state(base: Base, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(state[key])
+
+
+# ---- as a LoRA file ----
+
+
+def kohya_modules(base: Base) -> list[KohyaModule]:
+    """The live LoRA layers under the keys the family's LoRA files use."""
+    return family(base.family).kohya_modules(base, lora_modules(base))
+
+
+def kohya_state_dict(base: Base, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The live LoRA layers as a kohya state dict, on the CPU in ``dtype``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for m in kohya_modules(base):
+        tensors[f"{m.key}.lora_down.weight"] = m.down.to("cpu", dtype).contiguous()
+        tensors[f"{m.key}.lora_up.weight"] = m.up.to("cpu", dtype).contiguous()
+        # kohya stores alpha in the save dtype too.
+        tensors[f"{m.key}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+    return tensors
