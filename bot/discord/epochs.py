@@ -190,7 +190,7 @@ class EpochsMixin:
         self, draft: state.Draft, thread: discord.PartialMessageable, event: SamplesEvent
     ) -> None:
         """Previews of a moment that was not saved: the images alone, nothing to pick or download."""
-        spoiler = self._spoiler(draft.thread_id)
+        spoiler = await self._spoiler(draft.thread_id)
         if spoiler is None or not event.sample_images:
             return  # the saved epochs' messages already say why previews are not shown here
         when = f"epoch {event.epoch}" if event.end_of_epoch else f"step {event.step}"
