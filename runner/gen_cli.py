@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .families.registry import FAMILIES
 from .formats.infotext import parse_parameters
 from .spec import FailedEvent, GenSampler, GenSpec, ImagesEvent, SpecError
 
-BASE_HELP = "tiny:sd15, tiny:sdxl, tiny:flux, random:…, a .safetensors file or a diffusers folder"
+BASE_HELP = (
+    f"{', '.join(f'tiny:{name}' for name in FAMILIES)}, random:…, a .safetensors file or a diffusers folder"
+)
 
 
 def _lora_arg(item: str) -> dict[str, Any]:

@@ -16,13 +16,14 @@ def write_config(
     dispatch: str = "local",
     data: str = "",
     workers: str = "",
+    bases: str = "",
 ) -> Config:
-    """``data``, ``workers``: more lines of those tables (``extra`` comes after every table)."""
+    """``data``, ``workers``, ``bases``: more lines of those tables (``extra`` comes after every table)."""
     path = root / "server.toml"
     path.write_text(
         f'[store]\npath = "db/loracord.db"\n[data]\ndir = "data"\n{data}'
         f'[workers]\ndevices = {devices}\ndispatch = "{dispatch}"\n{workers}'
-        f'[bases]\ntiny = "tiny:sd15"\n"タイニー XL" = "tiny:sdxl"\n{extra}',
+        f'[bases]\ntiny = "tiny:sd15"\n"タイニー XL" = "tiny:sdxl"\n{bases}{extra}',
         encoding="utf-8",
     )
     return load_config(path)

@@ -119,11 +119,15 @@ def test_no_family_branches_outside_the_family_modules():
     assert offenders == []
 
 
-def test_families_and_the_bot_load_without_torch():
+def test_families_and_the_bot_load_without_torch(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (folder / "unet" / "config.json").write_text('{"cross_attention_dim": 2048, "in_channels": 4}')
     code = (
         "import sys; import runner.families.registry as r, bot.jobs, bot.discord.app\n"
         "[f.preset('character') for f in r.FAMILIES.values()]\n"
-        "r.base_family('tiny:sdxl')\n"
+        f"assert [r.base_family(b).name for b in ('tiny:sdxl', {str(folder)!r})] == ['sdxl', 'sdxl']\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -38,13 +38,14 @@ def png(color: tuple[int, int, int], side: int = 128) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def server(tmp_path, stub: DiscordStub, extra: str = "", data: str = ""):
+async def server(tmp_path, stub: DiscordStub, extra: str = "", data: str = "", bases: str = ""):
     cfg = write_config(
         tmp_path,
         "[quota]\nqueued_jobs = 5\ndaily_gpu_seconds = 100000\n[scheduling]\npoll_seconds = 0.05\n"
         f'[web]\nport = 0\n[discord]\napi_base = "{stub.api_base}"\ngateway = "{stub.gateway_url}"\n'
         f"guilds = [{stub.guild_id}]\nprogress_seconds = 0.2\n{extra}",
         data=data,
+        bases=bases,
     )
     db = store.open_store(cfg.store)
     scheduler = Scheduler(db, cfg, make_dispatcher(cfg))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .protocol import Base, ModelError
+from .protocol import Base
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -31,13 +31,6 @@ def config(family: str, part: str) -> dict[str, Any]:
 
 def scheduler_config(family: str) -> dict[str, Any]:
     return json.loads((CONFIGS / family / "scheduler" / "scheduler_config.json").read_text())
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path.parent.name}/{path.name} is missing or damaged ({e})") from None
 
 
 def file_hashes(path: Path) -> tuple[str, str]:

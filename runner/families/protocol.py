@@ -9,6 +9,7 @@ the methods that need them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,14 @@ Size = Literal["tiny", "random"]
 
 class ModelError(ValueError):
     """A base model that cannot be used; the message says why and what to do."""
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A JSON config of a diffusers folder; ModelError naming it when it is missing or damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path.parent.name}/{path.name} is missing or damaged ({e})") from None
 
 
 @dataclass

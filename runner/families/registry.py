@@ -9,7 +9,6 @@ a diffusers folder. Torch-free until a model is loaded: the bot detects bases an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..spec import SpecError, TextEncoding, TrainSpec, layer_settings, varying_caption_settings
 from . import flux, sd15, sdxl
 from .presets import PRESETS
-from .protocol import Base, Family, ModelError
+from .protocol import Base, Family, ModelError, read_config
 
 if TYPE_CHECKING:
     import torch
@@ -82,16 +81,9 @@ def file_family(path: Path) -> Family:
     )
 
 
-def _read_index(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{folder.name}/model_index.json is missing or damaged ({e})") from None
-
-
 def folder_family(folder: Path) -> Family:
     """The family of a diffusers folder, from its model_index.json."""
-    index = _read_index(folder)
+    index = read_config(folder / "model_index.json")
     for fam in _DETECTION_ORDER:
         if fam.claims_folder(index, folder):
             return fam

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .presets import COMMON, KINDS
-from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
+from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target, read_config
 
 if TYPE_CHECKING:
     import torch
@@ -77,11 +77,6 @@ class StableDiffusion:
 
     name: str
     display_name: str
-
-    @property
-    def short_name(self) -> str:
-        return self.display_name
-
     native_resolution: int
     text_encoders: tuple[str, ...]
     blocks_per_side: int
@@ -96,6 +91,10 @@ class StableDiffusion:
     refused: Mapping[str, str] = {}
     sample_defaults: Mapping[str, Any] = {}
     samplers = ("euler_a", "euler", "ddim", "dpmsolver++", "lms", "heun", "pndm", "unipc")
+
+    @property
+    def short_name(self) -> str:
+        return self.display_name
 
     @property
     def trainable_text_encoders(self) -> tuple[str, ...]:
@@ -123,8 +122,6 @@ class StableDiffusion:
     def claims_folder(self, model_index: Mapping[str, Any], folder: Path) -> bool:
         if model_index.get("_class_name") != self.pipeline_class:
             return False
-        from .model import read_config
-
         unet = read_config(folder / "unet" / "config.json")
         if unet.get("cross_attention_dim") == 1024:
             raise ModelError(
@@ -211,7 +208,6 @@ class StableDiffusion:
     def _missing_tokenizers(self, folder: Path) -> dict[str, Any]:
         """Tokenizers ``folder`` lacks, cut from the shipped CLIP vocabulary to their text encoder's size."""
         from .clip_text import CLIP_BASE_TOKENS, clip_tokenizer
-        from .model import read_config
 
         wanted = [("tokenizer", "text_encoder", "<|endoftext|>"), ("tokenizer_2", "text_encoder_2", "!")]
         out = {}
