@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from ..spec import TrainSpec
     from .protocol import Base, Batch, Conditioning
 
+# The settings of flow-matching training (and fp8 storage of the DiT): UNet families refuse them.
+FLOW_MATCHING_SETTINGS = (
+    "timestep_sampling",
+    "sigmoid_scale",
+    "discrete_flow_shift",
+    "model_prediction_type",
+    "fp8_base",
+)
+
 
 def size_problems(settings: Mapping[str, Any], step: int, family: str) -> list[str]:
     """DiTs pack 2x2 latent patches, so every bucket side must divide by twice the VAE's factor."""

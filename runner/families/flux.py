@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from . import flow_matching
 from .presets import COMMON
 from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
-from .stable_diffusion import FLOW_MATCHING_SETTINGS
 
 if TYPE_CHECKING:
     import torch
@@ -393,7 +392,7 @@ class Flux:
     # kohya trains CLIP-L only; T5-XXL stays frozen (its train_t5xxl defaults to off).
     trainable_text_encoders = ("CLIP-L",)
     blocks_per_side = None
-    own_settings = ("guidance_scale", "t5xxl_max_token_length", *FLOW_MATCHING_SETTINGS)
+    own_settings = ("guidance_scale", "t5xxl_max_token_length", *flow_matching.FLOW_MATCHING_SETTINGS)
     refused = NOT_FOR_FLUX
     # A guidance-distilled model samples without true CFG unless a prompt asks (kohya's --l 1.0).
     sample_defaults: Mapping[str, Any] = {"cfg_scale": 1.0}

@@ -24,15 +24,6 @@ if TYPE_CHECKING:
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _UPDOWN = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.")
 
-# Settings for DiTs trained by flow matching (runner.families.flux, runner.families.zimage).
-FLOW_MATCHING_SETTINGS = (
-    "timestep_sampling",
-    "sigmoid_scale",
-    "discrete_flow_shift",
-    "model_prediction_type",
-    "fp8_base",
-)
-
 
 def unet_block(name: str, layers_per_block: int) -> str | None:
     """kohya's block label for a diffusers UNet module path (kohya's get_block_index, generalised)."""
