@@ -184,7 +184,7 @@ def edit_json(path: Path, **changes) -> None:
         (
             "model_index.json",
             {"_class_name": "StableDiffusionInpaintPipeline"},
-            "only SD1.5, SDXL and Flux.1",
+            "only SD1.5, SDXL, Flux.1 and Z-Image",
         ),
         ("unet/config.json", {"cross_attention_dim": 1024}, "Stable Diffusion 2"),
         ("unet/config.json", {"in_channels": 9}, "inpainting"),

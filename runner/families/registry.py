@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spec import SpecError, TextEncoding, TrainSpec, layer_settings, varying_caption_settings
-from . import flux, sd15, sdxl
+from . import flux, sd15, sdxl, zimage
 from .presets import PRESETS
 from .protocol import Base, Family, ModelError, read_config
 
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 
 # In the order they are told apart: SDXL's keys include SD1.5's, so SDXL is asked first.
-_DETECTION_ORDER: tuple[Family, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY)
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY, flux.FAMILY)}
+_DETECTION_ORDER: tuple[Family, ...] = (sdxl.FAMILY, sd15.FAMILY, flux.FAMILY, zimage.FAMILY)
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY, flux.FAMILY, zimage.FAMILY)}
 # Variants of the tiny models, for tests of one setting (v-prediction).
 TINY_VARIANTS = {"sd15": ("v",)}
 
@@ -169,7 +169,7 @@ def lora_family(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> str 
         found = [f.name for f in FAMILIES.values() if version_tag.startswith(f.version_prefixes)]
         return found[0] if found else None
     # DiT key names are unambiguous; SDXL is asked before SD1.5 as for checkpoints.
-    for fam in (flux.FAMILY, sdxl.FAMILY, sd15.FAMILY):
+    for fam in (flux.FAMILY, zimage.FAMILY, sdxl.FAMILY, sd15.FAMILY):
         if fam.claims_lora(tensors):
             return fam.name
     return None
