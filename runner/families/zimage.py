@@ -65,7 +65,6 @@ from typing import TYPE_CHECKING, Any
 from . import flow_matching
 from .presets import COMMON
 from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
-from .stable_diffusion import FLOW_MATCHING_SETTINGS
 
 if TYPE_CHECKING:
     import torch
@@ -564,7 +563,7 @@ class ZImage:
     text_encoders = ("Qwen3-4B",)
     trainable_text_encoders: tuple[str, ...] = ()  # ai-toolkit and musubi-tuner keep Qwen3 frozen
     blocks_per_side = None
-    own_settings = (ADAPTER_SETTING, *FLOW_MATCHING_SETTINGS)
+    own_settings = (ADAPTER_SETTING, *flow_matching.FLOW_MATCHING_SETTINGS)
     refused = NOT_FOR_ZIMAGE
     # Turbo is step-distilled: no CFG unless a prompt asks (--l above 1). Its 8 steps are the
     # preset's sample_steps, so a member's own sample_steps still wins.
