@@ -244,6 +244,8 @@ class Config(_Section):
     quota: QuotaConfig = Field(default_factory=QuotaConfig)
     scheduling: Scheduling = Field(default_factory=Scheduling)
     bases: dict[str, str] = Field(default_factory=dict)
+    # Base name → a LoRA merged into that base while training (Z-Image-Turbo's training adapter).
+    training_adapters: dict[str, str] = Field(default_factory=dict)
     discord: DiscordConfig = Field(default_factory=DiscordConfig)
     web: WebConfig = Field(default_factory=WebConfig)
 
@@ -314,6 +316,9 @@ def load_config(path: str | Path) -> Config:
                 "quota": raw.get("quota") or {},
                 "scheduling": raw.get("scheduling") or {},
                 "bases": {k: _resolve(root, v) for k, v in (raw.get("bases") or {}).items()},
+                "training_adapters": {
+                    k: _resolve(root, v) for k, v in (raw.get("training_adapters") or {}).items()
+                },
                 "discord": discord,
                 "web": web,
                 **{k: v for k, v in raw.items() if k not in _SECTIONS},
@@ -326,4 +331,15 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: a section has the wrong shape ({e})") from None
 
 
-_SECTIONS = ("store", "data", "workers", "ray", "quota", "scheduling", "bases", "discord", "web")
+_SECTIONS = (
+    "store",
+    "data",
+    "workers",
+    "ray",
+    "quota",
+    "scheduling",
+    "bases",
+    "training_adapters",
+    "discord",
+    "web",
+)

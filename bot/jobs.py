@@ -322,8 +322,12 @@ def submit_train(
         if not images:
             raise JobError(f"dataset '{dataset}' has no images")
         store.add_dataset(db, member, dataset, str(data), images)
+        if "training_adapter" in (settings or {}):
+            raise JobError("training_adapter is the server's to set ([training_adapters] in its config)")
+        adapter = {"training_adapter": cfg.training_adapters[base]} if base in cfg.training_adapters else {}
         raw = {
             **(settings or {}),
+            **adapter,
             "base": cfg.base(base),
             "output_name": name,
             "train_data_dir": str(data),

@@ -406,6 +406,12 @@ class TrainSpec(_Spec):
         description="store the frozen transformer in fp8 (half the memory of bf16), cast on the host "
         "before it moves to the GPU, each layer upcast as it runs; needs mixed_precision bf16 or fp16",
     )
+    # Z-Image only (runner/families/zimage.py); other families refuse it.
+    training_adapter: str | None = Field(
+        None,
+        description="Z-Image: a .safetensors LoRA (ostris' Turbo training adapter) merged into the frozen "
+        "transformer for the run and taken off for previews; never part of the saved LoRA",
+    )
 
     # Run length.
     train_batch_size: int = Field(1, ge=1, le=256)

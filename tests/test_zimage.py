@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -358,8 +357,7 @@ def test_training_adapter_is_merged_left_out_of_files_and_taken_off_for_previews
 ):
     base = load_base("tiny:zimage")
     path = adapter_file(tmp_path / "zimage_turbo_training_adapter_v2.safetensors", base)
-    # The spec's other settings do not matter here; the field is TrainSpec's training_adapter.
-    FAMILY.prepare_training(base, SimpleNamespace(training_adapter=str(path), fp8_base=False), torch.float32)
+    FAMILY.prepare_training(base, spec_for(training_adapter=str(path)), torch.float32)
 
     # Merged exactly as diffusers fuses the same file.
     reference = load_base("tiny:zimage")
@@ -391,7 +389,7 @@ def test_training_adapter_is_merged_left_out_of_files_and_taken_off_for_previews
     torch.testing.assert_close(previewed, probe(original_pipe.transformer, caps), rtol=1e-4, atol=1e-5)
     assert (previewed - with_adapter).abs().max() > 1e-3
 
-    meta = FAMILY.metadata(spec_for().model_copy(update={"training_adapter": str(path)}))
+    meta = FAMILY.metadata(spec_for(training_adapter=str(path)))
     assert meta["ss_training_adapter"] == path.name
     assert meta["ss_training_adapter_hash"] == zimage.file_sha256(path)
 
@@ -407,11 +405,7 @@ def test_a_training_adapter_for_another_model_is_refused(tmp_path):
         str(path),
     )
     with pytest.raises(ModelError, match="does not fit this model"):
-        FAMILY.prepare_training(
-            base,
-            SimpleNamespace(training_adapter=str(path), fp8_base=False),
-            torch.float32,
-        )
+        FAMILY.prepare_training(base, spec_for(training_adapter=str(path)), torch.float32)
 
 
 # ---- previews ----

@@ -99,7 +99,9 @@ async def test_bot_trains_and_generates_on_zimage(tmp_path):
     async with stub, server(tmp_path, stub, bases='zi = "tiny:zimage"\n') as (cfg, db, scheduler, web):
         alice = stub.add_member("alice")
         async with stub.running(new_bot(cfg, db, scheduler, web)):
-            ix = await stub.command(alice, "train", {"name": "zeta", "trigger": "sks", "base": "zi"})
+            ix = await stub.command(
+                alice, "train", {"name": "zeta", "trigger": "sks", "preset": "character", "base": "zi"}
+            )
             await ix.original_message()
             tid = int(stub.threads()[-1]["id"])
             card = (await stub.wait_until(lambda: stub.channel_messages(tid), what="the dataset card"))[0]
@@ -108,7 +110,7 @@ async def test_bot_trains_and_generates_on_zimage(tmp_path):
             await stub.wait_until(
                 lambda: card.embeds and "**2** images" in card.embeds[0]["description"], what="card update"
             )
-            settings = {**SETTINGS, "mixed_precision": "no", "resolution": "64", "num_repeats": "1"}
+            settings = {**SETTINGS, "mixed_precision": "no", "resolution": "64", "train_batch_size": 1}
             for key, value in settings.items():
                 done = await stub.command(
                     alice, "train-set", {"key": key, "value": str(value)}, channel_id=tid
@@ -131,3 +133,25 @@ async def test_bot_trains_and_generates_on_zimage(tmp_path):
             info = await stub.click(alice, images, "lc:g:2:info")
             assert "<lora:zeta:" in (await info.original_message()).content
     assert stub.violations == []
+
+
+def test_the_training_adapter_is_the_owners_to_set(tmp_path):
+    from botutil import TRAIN, write_config
+
+    from bot import jobs, store
+    from bot.files import member_path
+
+    adapter = tmp_path / "zimage_turbo_training_adapter.safetensors"
+    cfg = write_config(
+        tmp_path,
+        f'[training_adapters]\nzi = "{adapter.name}"\n[quota]\nqueued_jobs = 5\n',
+        bases='zi = "tiny:zimage"\n',
+    )
+    db = store.open_store(cfg.store)
+    make_demo_dataset(member_path(cfg.data_dir, "alice", "datasets", "ds"), count=2, repeats=1)
+    job = jobs.submit_train(db, cfg, "alice", "ds", "zi", "z", dict(TRAIN))
+    assert job.spec_dict["training_adapter"] == str(adapter.resolve())  # resolved beside the config
+    plain = jobs.submit_train(db, cfg, "alice", "ds", "tiny", "s", dict(TRAIN))
+    assert "training_adapter" not in plain.spec_dict
+    with pytest.raises(jobs.JobError, match="training_adapter is the server's to set"):
+        jobs.submit_train(db, cfg, "alice", "ds", "zi", "y", {**TRAIN, "training_adapter": "/etc/passwd"})

@@ -17,7 +17,17 @@ from . import state
 
 SUBSET = "img"  # the dataset's one kohya folder is {repeats}_img
 DEFAULT_REPEATS = 10
-RESERVED = {"base", "output_name", "train_data_dir", "output_dir", "resume", "trigger_word", "preset"}
+# Set by the bot, not by members (training_adapter: the owner's [training_adapters], a file on the server).
+RESERVED = {
+    "base",
+    "output_name",
+    "train_data_dir",
+    "output_dir",
+    "resume",
+    "trigger_word",
+    "preset",
+    "training_adapter",
+}
 _SUBSET_DIR = re.compile(rf"(\d+)_{SUBSET}")
 FROZEN = "Training has started: its images and captions are frozen. Start a new /train to change them."
 

@@ -224,11 +224,11 @@ def text_encoding(spec: TrainSpec, family_name: str) -> TextEncoding:
     varying = varying_caption_settings(spec)
     reasons = [] if spec.cache_text_encoder_outputs else ["cache_text_encoder_outputs=False"]
     reasons += varying
-    if spec.train_text_encoder:
+    if spec.train_text_encoder and trainable:
         reasons.append(f"{' and '.join(trainable)} trained")
     if not spec.cache_text_encoder_outputs or varying:
         every, cached = names, ()
-    elif spec.train_text_encoder:
+    elif spec.train_text_encoder and trainable:
         every, cached = trainable, tuple(n for n in names if n not in trainable)
     else:
         every, cached = (), names

@@ -727,7 +727,7 @@ class ZImage:
         return FlowMatching(base, spec, device, autocast)
 
     def prepare_training(self, base: Base, spec: TrainSpec, weight_dtype: torch.dtype) -> None:
-        adapter = getattr(spec, ADAPTER_SETTING, None)
+        adapter = spec.training_adapter
         if adapter:
             # Merged before fp8 storage, so it is added at full precision.
             parts = read_adapter(adapter, base.unet)
@@ -779,7 +779,7 @@ class ZImage:
             "ss_max_token_length": None,
             "ss_fp8_base": spec.fp8_base,
         }
-        adapter = getattr(spec, ADAPTER_SETTING, None)
+        adapter = spec.training_adapter
         if adapter:
             path = Path(adapter).expanduser()
             meta["ss_training_adapter"] = path.name
