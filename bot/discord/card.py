@@ -81,10 +81,11 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
         embed.set_image(url=f"attachment://contact{sheets[0].suffix}")
     view = discord.ui.View(timeout=None)
     if draft.job_id is None:
-        for action in ("tag", "set", "start", "drop"):
+        for action in ("tag", "caps", "set", "start", "drop"):
             view.add_item(DraftButton(draft.id, action))
     else:
-        view.add_item(DraftButton(draft.id, "drop"))
+        for action in ("caps", "drop"):  # captions stay readable, not editable
+            view.add_item(DraftButton(draft.id, action))
     return embed, files, view
 
 
@@ -99,10 +100,11 @@ async def refresh_card(bot: commands.Bot, draft: state.Draft) -> None:
 class DraftButton(
     Served,
     discord.ui.DynamicItem[discord.ui.Button],
-    template=r"lc:d:(?P<draft>\d+):(?P<action>tag|set|start|drop|apply|page)(?::(?P<arg>\d+))?",
+    template=r"lc:d:(?P<draft>\d+):(?P<action>tag|caps|set|start|drop|apply|page)(?::(?P<arg>\d+))?",
 ):
     LABELS = {
         "tag": "Auto-tag",
+        "caps": "Captions",
         "set": "Settings",
         "start": "Start",
         "drop": "Cancel",

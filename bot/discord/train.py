@@ -19,6 +19,7 @@ from runner.spec import SpecError, TrainSpec
 
 from .. import jobs, store
 from . import state
+from .captions import CaptionButton, caption_page
 from .card import DraftButton, card, refresh_card
 from .common import clip, defer, member_id, role_ids, say, sentence
 from .draft import FROZEN, RESERVED, SUBSET, dataset_dir, repeats, subset_dir
@@ -29,7 +30,7 @@ from .tagging import TaggingMixin, TagSelect
 
 PRESETS = ("character", "style", "concept")
 
-ITEMS = (DraftButton, TagSelect, JobButton, EpochSelect)
+ITEMS = (DraftButton, TagSelect, JobButton, EpochSelect, CaptionButton)
 
 
 # One cog made of the features' mixins, not a cog per feature: every draft button's custom_id
@@ -213,6 +214,11 @@ class Cog(SettingsMixin, TaggingMixin, IntakeMixin, EpochsMixin, commands.Cog, n
             )
             state.update_draft(self.bot.db, draft.id, job_id=job.id)
         return job
+
+    async def do_caps(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
+        await defer(ix)
+        embed, files, view = await caption_page(self.bot, draft, 0)
+        await ix.followup.send(embed=embed, files=files, view=view, ephemeral=True)
 
     async def do_drop(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
         await defer(ix)
