@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runner.families.flux import FlowMatching, diffusers_state_dict, store_fp8
+from runner.families.flow_matching import store_fp8
+from runner.families.flux import FlowMatching, diffusers_state_dict
 from runner.families.protocol import Batch
 from runner.families.registry import load_base
 from runner.formats.kohya import effective_delta

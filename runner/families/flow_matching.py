@@ -42,6 +42,17 @@ def size_problems(settings: Mapping[str, Any], step: int, family: str) -> list[s
     ]
 
 
+def store_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """fp8_base: keep the frozen transformer's weights in fp8, each layer upcast to ``compute_dtype``
+    as it runs (diffusers' layerwise casting; the norms and embeddings it leaves out are cast to
+    ``compute_dtype``). Call on the host, before the transformer moves to the GPU, so the GPU never
+    holds it in more than fp8, and before the LoRA layers exist, so they stay fp32."""
+    import torch
+
+    transformer.to(compute_dtype)
+    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
 class FlowMatching:
     """Timestep sampling and the loss; subclasses encode captions and call their transformer."""
 

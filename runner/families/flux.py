@@ -22,7 +22,6 @@ Torch and diffusers are imported inside the functions: the bot reads this family
 
 from __future__ import annotations
 
-import os
 import re
 import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -286,17 +285,6 @@ def _check_components(folder: Path, what: str) -> None:
         )
 
 
-def store_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """fp8_base: keep the frozen transformer's weights in fp8, each layer upcast to ``compute_dtype``
-    as it runs (diffusers' layerwise casting; the norms and embeddings it leaves out are cast to
-    ``compute_dtype``). Call on the host, before the transformer moves to the GPU, so the GPU never
-    holds it in more than fp8, and before the LoRA layers exist, so they stay fp32."""
-    import torch
-
-    transformer.to(compute_dtype)
-    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-
-
 def t5_length(base: Base, requested: int | None = None) -> int:
     """``requested``, or kohya's default: 512 T5 tokens for dev, 256 for schnell (no guidance input)."""
     if requested:
@@ -511,30 +499,15 @@ class Flux:
         text encoders and tokenizers from the diffusers folder named by ``$LORACORD_FLUX_COMPONENTS``."""
         from diffusers import FluxTransformer2DModel
 
-        from .model import CONFIGS, file_hashes
+        from .model import CONFIGS, components_folder, named_after_file, transformer_from_file
 
-        components = os.environ.get(COMPONENTS_ENV)
-        if not components:
-            raise ModelError(
-                f"{path.name} holds only the Flux transformer; set {COMPONENTS_ENV} to a diffusers FLUX.1 "
-                "folder with the VAE, CLIP-L, T5-XXL and their tokenizers, or give that folder as the base"
-            )
-        folder = Path(components).expanduser()
-        _check_components(folder, f"{COMPONENTS_ENV} ({folder})")
-        try:
-            transformer = FluxTransformer2DModel.from_single_file(
-                str(path),
-                config=str(CONFIGS / "flux"),
-                subfolder="transformer",
-                local_files_only=True,
-                torch_dtype=dtype,
-            )
-        except Exception as e:  # as in from_folder
-            raise ModelError(f"{path.name} could not be loaded as a Flux transformer ({e})") from e
-        base = self.from_folder(folder, dtype, transformer)
-        base.name = path.stem
-        base.sha256, base.legacy_hash = file_hashes(path)
-        return base
+        unset = (
+            f"{path.name} holds only the Flux transformer; set {COMPONENTS_ENV} to a diffusers FLUX.1 "
+            "folder with the VAE, CLIP-L, T5-XXL and their tokenizers, or give that folder as the base"
+        )
+        folder = components_folder(COMPONENTS_ENV, unset, _check_components)
+        transformer = transformer_from_file(path, FluxTransformer2DModel, CONFIGS / "flux", dtype, "Flux")
+        return named_after_file(self.from_folder(folder, dtype, transformer), path)
 
     # ---- training ----
 
@@ -545,7 +518,7 @@ class Flux:
 
     def prepare_training(self, base: Base, spec: TrainSpec, weight_dtype: torch.dtype) -> None:
         if spec.fp8_base:
-            store_fp8(base.unet, weight_dtype)
+            flow_matching.store_fp8(base.unet, weight_dtype)
 
     def lora_targets(
         self, base: Base, spec: TrainSpec, block_weights: dict[str, float] | None

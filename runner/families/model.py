@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .protocol import Base
+from .protocol import Base, ModelError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -77,3 +78,34 @@ TINY_VAE = dict(
     up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
     sample_size=64,
 )
+
+
+# ---- DiTs shipped as a transformer alone (ComfyUI's diffusion_models/) ----
+
+
+def components_folder(env: str, unset: str, check: Callable[[Path, str], None]) -> Path:
+    """The diffusers folder named by ``$env`` that a single-file transformer takes its VAE, text
+    encoders and tokenizers from; ``unset`` is the message when the variable is not set."""
+    components = os.environ.get(env)
+    if not components:
+        raise ModelError(unset)
+    folder = Path(components).expanduser()
+    check(folder, f"{env} ({folder})")
+    return folder
+
+
+def transformer_from_file(path: Path, cls: Any, config: Path, dtype: torch.dtype, family: str) -> Any:
+    """A DiT transformer from a single file, built against the diffusers config folder ``config``."""
+    try:
+        return cls.from_single_file(
+            str(path), config=str(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype
+        )
+    except Exception as e:  # diffusers raises many error types for damaged or odd checkpoints
+        raise ModelError(f"{path.name} could not be loaded as a {family} transformer ({e})") from e
+
+
+def named_after_file(base: Base, path: Path) -> Base:
+    """``base`` named and hashed as the single file it was loaded from."""
+    base.name = path.stem
+    base.sha256, base.legacy_hash = file_hashes(path)
+    return base

@@ -55,7 +55,6 @@ Torch and diffusers are imported inside the functions: the bot reads this family
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -481,13 +480,6 @@ def _check_components(folder: Path, what: str) -> None:
         )
 
 
-def store_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """fp8_base, as Flux's (diffusers' layerwise casting); call after the adapter is merged."""
-    from .flux import store_fp8 as flux_store_fp8
-
-    flux_store_fp8(transformer, compute_dtype)
-
-
 class FlowMatching(flow_matching.FlowMatching):
     """Captions through Qwen3-4B (frozen); the transformer told ``1 - σ``, its output negated."""
 
@@ -694,30 +686,16 @@ class ZImage:
         folder named by ``$LORACORD_ZIMAGE_COMPONENTS``."""
         from diffusers import ZImageTransformer2DModel
 
-        from .model import file_hashes
+        from .model import components_folder, named_after_file, transformer_from_file
 
-        components = os.environ.get(COMPONENTS_ENV)
-        if not components:
-            raise ModelError(
-                f"{path.name} holds only the Z-Image transformer; set {COMPONENTS_ENV} to a diffusers Z-Image "
-                "folder with the VAE, Qwen3-4B and its tokenizer, or give that folder as the base"
-            )
-        folder = Path(components).expanduser()
-        _check_components(folder, f"{COMPONENTS_ENV} ({folder})")
-        try:
-            transformer = ZImageTransformer2DModel.from_single_file(
-                str(path),
-                config=str(config_root / "zimage"),
-                subfolder="transformer",
-                local_files_only=True,
-                torch_dtype=dtype,
-            )
-        except Exception as e:  # as in from_folder
-            raise ModelError(f"{path.name} could not be loaded as a Z-Image transformer ({e})") from e
-        base = self.from_folder(folder, dtype, transformer)
-        base.name = path.stem
-        base.sha256, base.legacy_hash = file_hashes(path)
-        return base
+        unset = (
+            f"{path.name} holds only the Z-Image transformer; set {COMPONENTS_ENV} to a diffusers Z-Image "
+            "folder with the VAE, Qwen3-4B and its tokenizer, or give that folder as the base"
+        )
+        folder = components_folder(COMPONENTS_ENV, unset, _check_components)
+        config = config_root / "zimage"
+        transformer = transformer_from_file(path, ZImageTransformer2DModel, config, dtype, "Z-Image")
+        return named_after_file(self.from_folder(folder, dtype, transformer), path)
 
     # ---- training ----
 
@@ -734,7 +712,7 @@ class ZImage:
             merge_adapter(base.unet, parts)
             base.extra[ADAPTER_SETTING] = {"name": Path(adapter).name, "parts": parts}
         if spec.fp8_base:
-            store_fp8(base.unet, weight_dtype)
+            flow_matching.store_fp8(base.unet, weight_dtype)
 
     def lora_targets(
         self, base: Base, spec: TrainSpec, block_weights: dict[str, float] | None
