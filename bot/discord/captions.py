@@ -105,6 +105,22 @@ async def caption_page(
     return embed, [file], view
 
 
+async def _editable(ix: discord.Interaction, draft_id: int) -> state.Draft | None:
+    """The draft, when its captions may still change; otherwise say why and None."""
+    draft = state.get_draft(bot_of(ix).db, draft_id)
+    if draft is None or draft.job_id is not None:
+        await say(ix, FROZEN if draft else "That dataset is gone.")
+        return None
+    return draft
+
+
+async def _show(ix: discord.Interaction, draft: state.Draft, page: int, note: str | None = None) -> None:
+    embed, files, view = await caption_page(bot_of(ix), draft, page)
+    if note:
+        embed.set_footer(text=note)
+    await edit_modal_or_message(ix, embed=embed, attachments=files, view=view)
+
+
 class CaptionModal(Served, discord.ui.Modal):
     def __init__(self, draft: state.Draft, page: int, image: Path):
         super().__init__(
@@ -121,14 +137,9 @@ class CaptionModal(Served, discord.ui.Modal):
         self.add_item(self.text)
 
     async def on_submit(self, ix: discord.Interaction) -> None:
-        bot = bot_of(ix)
-        draft = state.get_draft(bot.db, self.draft.id)
-        if draft is None or draft.job_id is not None:
-            await say(ix, FROZEN if draft else "That dataset is gone.")
-            return
-        await asyncio.to_thread(write_caption, self.image, self.text.value)
-        embed, files, view = await caption_page(bot, draft, self.page)
-        await edit_modal_or_message(ix, embed=embed, attachments=files, view=view)
+        if draft := await _editable(ix, self.draft.id):
+            await asyncio.to_thread(write_caption, self.image, self.text.value)
+            await _show(ix, draft, self.page)
 
 
 class ApplyAllModal(Served, discord.ui.Modal):
@@ -182,9 +193,7 @@ class CaptionButton(
             )
             return
         if self.action in ("prev", "next"):
-            page = self.page + (1 if self.action == "next" else -1)
-            embed, files, view = await caption_page(bot, draft, page)
-            await edit_modal_or_message(ix, embed=embed, attachments=files, view=view)
+            await _show(ix, draft, self.page + (1 if self.action == "next" else -1))
             return
         if draft.job_id is not None:
             await say(ix, FROZEN)
