@@ -152,20 +152,15 @@ class ApplyAllModal(Served, discord.ui.Modal):
         self.add_item(self.remove)
 
     async def on_submit(self, ix: discord.Interaction) -> None:
-        bot = bot_of(ix)
-        draft = state.get_draft(bot.db, self.draft.id)
-        if draft is None or draft.job_id is not None:
-            await say(ix, FROZEN if draft else "That dataset is gone.")
+        draft = await _editable(ix, self.draft.id)
+        if draft is None:
             return
         if not (self.add.value.strip() or self.remove.value.strip()):
             await say(ix, "Nothing to add or remove.")
             return
-        changed = await asyncio.to_thread(
-            apply_to_all, images_of(bot, draft), self.add.value, self.remove.value
-        )
-        embed, files, view = await caption_page(bot, draft, self.page)
-        embed.set_footer(text=f"{changed} caption(s) changed")
-        await edit_modal_or_message(ix, embed=embed, attachments=files, view=view)
+        images = images_of(bot_of(ix), draft)
+        changed = await asyncio.to_thread(apply_to_all, images, self.add.value, self.remove.value)
+        await _show(ix, draft, self.page, f"{changed} caption(s) changed")
 
 
 class CaptionButton(
