@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-RUNNER_COMMANDS = ("train", "dataset", "tag", "gen", "grid", "selftest")
+RUNNER_COMMANDS = ("train", "dataset", "tag", "caption", "gen", "grid", "selftest")
 OPS_COMMANDS = ("run", "jobs", "quota")
 
 
@@ -32,13 +32,14 @@ def _dispatch(argv: list[str]) -> int:
 
         return ops_main(argv)
     print(
-        "usage: loracord {run,jobs,quota,train,dataset,tag,gen,grid,selftest} ...\n\n"
+        "usage: loracord {run,jobs,quota,train,dataset,tag,caption,gen,grid,selftest} ...\n\n"
         "  run       the bot: queue, scheduler and GPU workers (--no-discord: without Discord)\n"
         "  jobs      submit, list, show and cancel jobs (loracord jobs --help)\n"
         "  quota     show and set members' and roles' quotas\n"
         "  train     train a LoRA from a folder of images (loracord train --help)\n"
         "  dataset   turn images, folders and zips into a clean, numbered training folder with a report\n"
         "  tag       caption a training folder with a WD14 tagger (trigger word, tag removal, frequencies)\n"
+        "  caption   caption a training folder in sentences with Florence-2 (trigger word, word limit)\n"
         "  gen       generate images with LoRAs: <lora:NAME:0.8> in the prompt (loracord gen --help)\n"
         "  grid      one image of a LoRA's epochs × weights, to pick the best (loracord grid --help)\n"
         "  selftest  prove this install works: trains a tiny LoRA on the CPU, no GPU or network needed",

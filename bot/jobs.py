@@ -25,7 +25,7 @@ from runner.families.registry import base_family as detect_family
 from runner.families.registry import family as family_named
 from runner.families.registry import with_preset
 from runner.gen.sample_prompts import default_sample_prompts, read_sample_prompt
-from runner.spec import RunLength, SpecError, TagSpec, TrainSpec
+from runner.spec import CaptionSpec, RunLength, SpecError, TagSpec, TrainSpec
 
 from . import store
 from .config import Config, ConfigError, Quota, QuotaOverride
@@ -293,7 +293,7 @@ def _submit(
             estimate.seconds,
             estimate.preview_seconds,
         )
-        if kind != "tag":  # a tag job writes captions beside its dataset's images
+        if kind not in ("tag", "caption"):  # these write captions beside their dataset's images
             # Outputs go under the member's folder, named by job id so no member text becomes a path.
             spec["output_dir"] = str(
                 member_path(cfg.data_dir, member, "loras" if kind == "train" else kind, str(job_id))
@@ -375,6 +375,28 @@ def submit_tag(
         raise JobError(str(e)) from None
     estimate = _cost(db, "tag", "tag", images, cfg.scheduling.gen_seconds_per_step)
     return _submit(db, cfg, member, "tag", None, spec, estimate)
+
+
+def submit_caption(
+    db: Database, cfg: Config, member: str, dataset: str, settings: dict[str, Any] | None = None
+) -> store.Job:
+    """Queue Florence-2 captioning of the member's dataset ``dataset`` (a CaptionSpec's settings;
+    captions are written beside its images, and the job ends in a CaptionedEvent)."""
+    try:
+        data = member_path(cfg.data_dir, member, "datasets", dataset)
+        store.ensure_member(db, member)
+        if not data.is_dir():
+            raise JobError(f"you have no dataset named '{dataset}'")
+        images, _ = dataset_images(data)
+        raw = {**(settings or {}), "train_data_dir": str(data)}
+        # Downloaded captioners go under the bot's data folder, beside everything else it keeps.
+        raw.setdefault("cache_dir", str(cfg.data_dir / "cache"))
+        spec = CaptionSpec.parse(raw).model_dump(exclude_unset=True)
+    except (SpecError, PathError) as e:
+        raise JobError(str(e)) from None
+    # A captioner generates a sentence per image: about what a gen step costs per image, ×8 until measured.
+    estimate = _cost(db, "caption", "caption", images, 8 * cfg.scheduling.gen_seconds_per_step)
+    return _submit(db, cfg, member, "caption", None, spec, estimate)
 
 
 def request_cancel(db: Database, job_id: int, member: str | None = None) -> str:

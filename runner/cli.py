@@ -1,4 +1,4 @@
-"""`loracord train`, `dataset`, `tag` and `selftest`: the runner used directly from a shell."""
+"""`loracord train`, `dataset`, `tag`, `caption` and `selftest`: the runner used directly from a shell."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from .gen_cli import add_gen_commands
 from .spec import (
+    CaptionSpec,
     DoneEvent,
     EpochEvent,
     FailedEvent,
@@ -200,6 +201,49 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    try:
+        settings = parse_sets(args.set)
+        settings["train_data_dir"] = args.data
+        settings.update(
+            _given(
+                args,
+                {
+                    "captioner": "captioner",
+                    "task": "task",
+                    "trigger": "trigger_word",
+                    "trigger_style": "trigger_style",
+                    "prefix": "prefix",
+                    "mode": "mode",
+                    "max_words": "max_words",
+                    "batch_size": "batch_size",
+                    "cache_dir": "cache_dir",
+                    "caption_extension": "caption_extension",
+                },
+            )
+        )
+        spec = CaptionSpec.parse(settings)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from .data.captioner import caption_dataset
+
+    emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
+    result = caption_dataset(spec, emit)
+    if isinstance(result, FailedEvent):
+        print(f"error: {result.reason}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"{result.images} images captioned, {result.captions_written} caption files written")
+        for file, why in result.skipped:
+            print(f"skipped {file}: {why}")
+        for file, caption in result.examples:
+            print(f"{file}: {caption}")
+        for row in result.tag_summary[:40]:
+            print(f"{row.count:5d}  {row.share:6.0%}  {row.tag}")
+    return 0
+
+
 def cmd_selftest(args: argparse.Namespace) -> int:
     from .selftest import selftest
 
@@ -284,6 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any tag setting (repeatable)")
     g.add_argument("--json", action="store_true", help="print events as JSON lines")
     g.set_defaults(func=cmd_tag)
+    c = sub.add_parser(
+        "caption",
+        help="caption a dataset folder in sentences with Florence-2",
+        description="Caption every image under DIR (subfolders included) with Florence-2 and write its "
+        "caption file: the model's opening ('The image shows') removed, the trigger word first.",
+    )
+    c.add_argument("data", help="a dataset folder, as loracord dataset writes it")
+    c.add_argument(
+        "--captioner",
+        help="florence2-large (default; downloaded once), florence2-base, or a folder with a Florence-2 model",
+    )
+    c.add_argument("--task", help="caption, detailed (default) or more_detailed")
+    c.add_argument("--trigger", help="trigger word, written first in every caption")
+    c.add_argument(
+        "--trigger-style",
+        choices=["subject", "photo_of"],
+        help="'zzk, a woman …' (subject, default) or 'a photo of zzk, a woman …'",
+    )
+    c.add_argument("--prefix", help="text after the trigger, before the caption (e.g. 'anime style')")
+    c.add_argument(
+        "--mode",
+        choices=["replace", "append", "prepend", "keep"],
+        help="existing captions: replace (default), append or prepend the new one, or keep them",
+    )
+    c.add_argument("--max-words", type=int, help="cut each caption to this many words at a sentence end")
+    c.add_argument("--batch-size", type=int, help="images per batch on the GPU (default 8)")
+    c.add_argument("--cache-dir", help="where a downloaded captioner is kept")
+    c.add_argument("--caption-extension", help="caption files' extension (default .txt)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="any caption setting (repeatable)")
+    c.add_argument("--json", action="store_true", help="print events as JSON lines")
+    c.set_defaults(func=cmd_caption)
     add_gen_commands(sub)
     s = sub.add_parser("selftest", help="train a tiny LoRA on the CPU and check the result")
     s.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="the tiny model to train")

@@ -669,6 +669,59 @@ class TagSpec(_Spec):
     batch_size: int = Field(8, ge=1, le=256)
 
 
+CAPTION_TASKS = {
+    "caption": "<CAPTION>",
+    "detailed": "<DETAILED_CAPTION>",
+    "more_detailed": "<MORE_DETAILED_CAPTION>",
+}
+
+
+def _caption_task(v: Any) -> Any:
+    # Members write the short names; Florence-2's own task tokens are accepted as well.
+    return CAPTION_TASKS.get(v.strip().lower(), v.strip()) if isinstance(v, str) else v
+
+
+class CaptionSpec(_Spec):
+    """Caption a dataset folder in sentences with Florence-2 and write its caption files."""
+
+    train_data_dir: str
+    captioner: str = Field(
+        "florence2-large",
+        min_length=1,
+        description="florence2-large, florence2-base, or a folder holding a Florence-2 model in "
+        "transformers' own format (config.json, weights, processor and tokenizer files)",
+    )
+    cache_dir: str | None = Field(None, description="where downloaded captioners are kept")
+    task: Annotated[
+        Literal["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"], BeforeValidator(_caption_task)
+    ] = Field(
+        "<DETAILED_CAPTION>",
+        description="Florence-2's task (or caption | detailed | more_detailed). DETAILED_CAPTION's two or "
+        "three sentences fit CLIP's 75 tokens more often than MORE_DETAILED_CAPTION's paragraph, which "
+        "also invents more; choose more_detailed for Flux and Z-Image, whose text encoders read 512 tokens",
+    )
+    trigger_word: str | None = None
+    trigger_style: Literal["subject", "photo_of"] = Field(
+        "subject",
+        description="subject: 'zzk, a woman with …' (the trigger is the caption's first comma-separated "
+        "part, so keep_tokens=1 keeps it first when captions are shuffled, and it is never cut off by a "
+        "token limit); photo_of: 'a photo of zzk, a woman with …'",
+    )
+    prefix: str | None = Field(None, description="text after the trigger and before the caption")
+    mode: Literal["replace", "append", "prepend", "keep"] = Field(
+        "replace",
+        description="existing captions: replaced, the new caption after them (append) or before them "
+        "(prepend); keep captions only the images without one",
+    )
+    max_words: int | None = Field(
+        None, ge=3, le=1000, description="the model's caption cut to this many words at a sentence end"
+    )
+    caption_extension: CaptionExtension = ".txt"
+    batch_size: int = Field(8, ge=1, le=256)
+    num_beams: int = Field(3, ge=1, le=16, description="beam search width (the model card's 3)")
+    max_new_tokens: int = Field(256, ge=8, le=4096, description="the longest caption generated, in tokens")
+
+
 class LoraWeight(_Spec):
     name: str = Field(
         min_length=1, description="a LoRA's file name in lora_dir (without .safetensors), or a path"
@@ -717,7 +770,7 @@ class GenSpec(_Spec):
 # less the time a training job lent to short jobs served between its steps (never the wait in
 # the queue or for a step). The worker stamps it on every final event.
 _OWN_SECONDS = "the job's own compute time in seconds, stamped by the worker"
-FINAL = ("done", "failed", "images", "tagged")  # the event types that end a job
+FINAL = ("done", "failed", "images", "tagged", "captioned")  # the event types that end a job
 
 
 class StageEvent(_Spec):
@@ -799,6 +852,24 @@ class TaggedEvent(_Spec):
     seconds: float | None = Field(None, description=_OWN_SECONDS)
 
 
+class CaptionedEvent(_Spec):
+    """The end of a caption job: what the bot shows the member before training."""
+
+    type: Literal["captioned"] = "captioned"
+    images: int
+    captions_written: int
+    captioner: str = Field(description="the model that wrote them: a repo id or a folder")
+    tag_summary: list[TagCount] = Field(
+        description="words and phrases (tags, in tag-list captions) of the captions, trigger and prefix "
+        "left out, most frequent first: runner.data.captions says what a phrase is"
+    )
+    examples: list[tuple[str, str]] = Field(
+        default_factory=list, description="(file, caption) of the first few images, to show"
+    )
+    skipped: list[tuple[str, str]] = Field(default_factory=list, description="(file, reason)")
+    seconds: float | None = Field(None, description=_OWN_SECONDS)
+
+
 class ImagesEvent(_Spec):
     """The end of a gen job: the PNGs written, each with its A1111 ``parameters`` text."""
 
@@ -817,6 +888,7 @@ AnyEvent = (
     | DoneEvent
     | FailedEvent
     | TaggedEvent
+    | CaptionedEvent
     | ImagesEvent
 )
 Event = Annotated[AnyEvent, Field(discriminator="type")]

@@ -7,7 +7,7 @@ only that job. A short job (anything but training) that arrives while a training
 served between two training steps on the same warm worker. The same `Worker` class is what a
 Ray actor wraps, so it keeps no global state.
 
-Every job ends in exactly one final event (done, images, tagged or failed), whatever it or the
+Every job ends in exactly one final event (done, images, tagged, captioned or failed), whatever it or the
 worker's own preparation raises, stamped with the job's own compute time (`runner.spec`
 ``seconds``); a short job that fails between training steps fails alone.
 """
@@ -24,7 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .spec import FINAL, EpochEvent, FailedEvent, GenSpec, ProgressEvent, SpecError, TagSpec, TrainSpec
+from .spec import (
+    FINAL,
+    CaptionSpec,
+    EpochEvent,
+    FailedEvent,
+    GenSpec,
+    ProgressEvent,
+    SpecError,
+    TagSpec,
+    TrainSpec,
+)
 
 
 @dataclass
@@ -166,10 +176,11 @@ class Worker:
 
     def _dispatch(self, job: dict[str, Any], emit: Callable[[Any], None], cancel: threading.Event) -> None:
         kind = job.get("type")
-        specs: dict[str, type[TrainSpec | GenSpec | TagSpec]] = {
+        specs: dict[str, type[TrainSpec | GenSpec | TagSpec | CaptionSpec]] = {
             "train": TrainSpec,
             "gen": GenSpec,
             "tag": TagSpec,
+            "caption": CaptionSpec,
         }
         if kind not in specs:
             emit(
@@ -192,6 +203,10 @@ class Worker:
             from .data.tagger import tag_dataset  # onnxruntime loads only for a tag job
 
             tag_dataset(spec, emit, cancel)
+        elif isinstance(spec, CaptionSpec):
+            from .data.captioner import caption_dataset  # transformers' Florence-2 loads only here
+
+            caption_dataset(spec, emit, cancel, self.device)
         else:
             from .train.loop import train  # torch loads only when there is work to do
 

@@ -1,1 +1,1 @@
-"""Images in: dataset intake, WD14 tagging and the training dataset (buckets, captions)."""
+"""Images in: dataset intake, WD14 tagging, Florence-2 captioning and the training dataset (buckets, captions)."""
