@@ -861,7 +861,7 @@ class CaptionedEvent(_Spec):
     captioner: str = Field(description="the model that wrote them: a repo id or a folder")
     tag_summary: list[TagCount] = Field(
         description="words and phrases (tags, in tag-list captions) of the captions, trigger and prefix "
-        "left out, most frequent first: runner.data.captions says what a phrase is"
+        "left out, the 300 most frequent, most frequent first: runner.data.captions says what a phrase is"
     )
     examples: list[tuple[str, str]] = Field(
         default_factory=list, description="(file, caption) of the first few images, to show"

@@ -37,6 +37,8 @@ NAMED = {
     "florence2-base": "florence-community/Florence-2-base",
 }
 EXAMPLES = 5  # captions the final event carries for the member to read
+# Sentences give a long tail of phrases found once; the event (stored, posted) keeps the head.
+SUMMARY_LIMIT = 300
 
 
 class CaptionerError(ValueError):
