@@ -192,7 +192,11 @@ class DiscordConfig(_Section):
         30.0, ge=0.1, le=3600, description="longest wait between tries of a post Discord did not take"
     )
     tagger: str = Field(
-        "wd-swinv2-tagger-v3", description="Auto-tag's tagger: a SmilingWolf name, a repo id or a folder"
+        "wd-swinv2-tagger-v3", description="Auto-caption's tagger: a SmilingWolf name, a repo id or a folder"
+    )
+    captioner: str = Field(
+        "florence2-large",
+        description="Auto-caption's sentence captioner: florence2-large, florence2-base or a folder",
     )
 
     def check_served(self) -> None:
@@ -302,6 +306,11 @@ def load_config(path: str | Path) -> Config:
             discord["token_file"] = _resolve(root, discord["token_file"])
         if isinstance(discord.get("tagger"), str) and (root / Path(discord["tagger"]).expanduser()).is_dir():
             discord["tagger"] = _resolve(root, discord["tagger"])  # a folder, not a tagger's name
+        if (
+            isinstance(discord.get("captioner"), str)
+            and (root / Path(discord["captioner"]).expanduser()).is_dir()
+        ):
+            discord["captioner"] = _resolve(root, discord["captioner"])
         web = dict(raw.get("web") or {})
         if web.get("secret_file"):
             web["secret_file"] = _resolve(root, web["secret_file"])

@@ -85,7 +85,9 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
             tid = int(thread["id"])
             card = await stub.wait_until(lambda: stub.channel_messages(tid), what="the dataset card")
             card = card[0]
-            assert card.custom_ids() == [f"lc:d:1:{a}" for a in ("tag", "caps", "set", "start", "drop")]
+            # Auto-caption in SD1.5's style (WD14 tags) first, sentences on the second row.
+            actions = ("tag:0", "caps", "set", "start", "drop", "tag:1")
+            assert card.custom_ids() == [f"lc:d:1:{a}" for a in actions]
 
             files = [
                 Upload("a.png", png((200, 30, 30))),

@@ -162,9 +162,9 @@ def test_auto_tag_pages_suggestions_and_removal(h):
         draft = await open_draft(h, alice, "タグ")
         colours = [(255, 0, 0), (255, 80, 0), (255, 255, 0)]  # green fires on the last one only
         await post(h, draft, [Upload(f"{i}.png", png(c)) for i, c in enumerate(colours)], 3)
-        refused = await stub.click(bob, draft.card, draft.button("tag"))
+        refused = await stub.click(bob, draft.card, draft.button("tag:0"))
         assert (await answer(refused)).ephemeral and "Only" in (await answer(refused)).content
-        queued = await stub.click(alice, draft.card, draft.button("tag"))
+        queued = await stub.click(alice, draft.card, draft.button("tag:0"))
         assert "Tagging queued" in (await answer(queued)).content
         summary = await stub.wait_until(lambda: message_with(stub, draft.thread, "Tagged"), 60, "the tags")
         assert "Tagged 3/3 images" in summary.content and "ayaka ×3" in summary.content

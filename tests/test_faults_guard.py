@@ -319,7 +319,7 @@ async def test_double_taps_start_one_job_and_start_freezes_the_captions(tmp_path
         )
         await stub.wait_until(lambda: images_on(card) == 3, 30, what="3 images on the card")
 
-        taps = [await stub.click(alice, card, f"lc:d:{draft_id}:tag") for _ in range(2)]
+        taps = [await stub.click(alice, card, f"lc:d:{draft_id}:tag:0") for _ in range(2)]
         answers = sorted([(await ix.original_message()).content for ix in taps])
         tag_jobs = [j for j in store.list_jobs(bot.db) if j.kind == "tag"]
         assert len(tag_jobs) == 1, answers

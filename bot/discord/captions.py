@@ -8,6 +8,7 @@ import io
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import discord
@@ -46,24 +47,30 @@ def _parts(caption: str) -> list[str]:
     return [p.strip() for p in caption.split(",") if p.strip()]
 
 
-def apply_to_all(images: list[Path], add: str, remove: str) -> int:
-    """Remove ``remove`` and add ``add`` in every caption; the number of captions changed.
+def _tidy(text: str) -> str:
+    """One space between words and none before punctuation, after a phrase was cut out."""
+    return re.sub(r"\s+([.,;:!?])", r"\1", " ".join(text.split()))
+
+
+def apply_to_all(images: list[Path], add: str, remove: Sequence[str]) -> int:
+    """Remove each of ``remove`` and add ``add`` in every caption; the number of captions changed.
 
     Captions are read as comma-separated parts (WD14 tags, or a sentence caption's clauses). A part
-    equal to ``remove`` (any case) goes; otherwise the phrase is cut out of the parts that contain it
-    as whole words, so "red hair" leaves "a woman with red hair" as "a woman with". ``add`` becomes
-    the last part unless a part already says it: kohya's keep_tokens keeps the trigger word first,
-    and shuffling moves the rest anyway.
+    equal to a removed phrase (any case) goes; otherwise the phrase is cut out of the parts that
+    contain it as whole words, so "red hair" leaves "a woman with red hair" as "a woman with".
+    ``add`` becomes the last part unless a part already says it: kohya's keep_tokens keeps the
+    trigger word first, and shuffling moves the rest anyway.
     """
-    add, remove = add.strip(), remove.strip()
-    phrase = re.compile(rf"(?<!\w){re.escape(remove)}(?!\w)", re.IGNORECASE) if remove else None
+    add = add.strip()
+    removed = [r.strip() for r in remove if r.strip()]
     changed = 0
     for image in images:
         before = read_caption(image)
         parts = _parts(before)
-        if phrase is not None:
-            kept = [p for p in parts if p.casefold() != remove.casefold()]
-            parts = [" ".join(phrase.sub(" ", p).split()) for p in kept]
+        for phrase in removed:
+            pattern = re.compile(rf"(?<!\w){re.escape(phrase)}(?!\w)", re.IGNORECASE)
+            kept = [p for p in parts if p.casefold() != phrase.casefold()]
+            parts = [_tidy(pattern.sub(" ", p)) for p in kept]
             parts = [p for p in parts if p]
         if add and add.casefold() not in {p.casefold() for p in parts}:
             parts.append(add)
@@ -159,7 +166,7 @@ class ApplyAllModal(Served, discord.ui.Modal):
             await say(ix, "Nothing to add or remove.")
             return
         images = images_of(bot_of(ix), draft)
-        changed = await asyncio.to_thread(apply_to_all, images, self.add.value, self.remove.value)
+        changed = await asyncio.to_thread(apply_to_all, images, self.add.value, [self.remove.value])
         await _show(ix, draft, self.page, f"{changed} caption(s) changed")
 
 

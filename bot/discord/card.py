@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord.ext import commands
 
+from runner.families.registry import family as family_named
 from runner.families.registry import text_encoding
 from runner.spec import SpecError
 
@@ -19,6 +20,9 @@ from .draft import RESERVED, dataset_dir, effective, parse_train, repeats, subse
 
 if TYPE_CHECKING:
     from .train import Cog
+
+
+STYLES = ("tags", "sentences")  # Auto-caption's styles, as Family.caption_style names them
 
 
 def run_length_text(eff: dict[str, Any], est: jobs.Estimate | None) -> str:
@@ -81,8 +85,12 @@ def card(bot: commands.Bot, draft: state.Draft) -> tuple[discord.Embed, list[dis
         embed.set_image(url=f"attachment://contact{sheets[0].suffix}")
     view = discord.ui.View(timeout=None)
     if draft.job_id is None:
-        for action in ("tag", "caps", "set", "start", "drop"):
+        # Auto-caption in the family's style first; the other style on the second row.
+        default = STYLES.index(family_named(family).caption_style)
+        view.add_item(DraftButton(draft.id, "tag", default))
+        for action in ("caps", "set", "start", "drop"):
             view.add_item(DraftButton(draft.id, action))
+        view.add_item(DraftButton(draft.id, "tag", 1 - default))
     else:
         for action in ("caps", "drop"):  # captions stay readable, not editable
             view.add_item(DraftButton(draft.id, action))
@@ -103,7 +111,7 @@ class DraftButton(
     template=r"lc:d:(?P<draft>\d+):(?P<action>tag|caps|set|start|drop|apply|page)(?::(?P<arg>\d+))?",
 ):
     LABELS = {
-        "tag": "Auto-tag",
+        "tag": "Auto-caption",
         "caps": "Captions",
         "set": "Settings",
         "start": "Start",
@@ -112,13 +120,17 @@ class DraftButton(
         "page": "More tags",
     }
 
+    # Auto-caption's arg: the style, an index into STYLES (none: the family's).
+    STYLE_LABELS = ("Auto-caption: tags", "Auto-caption: sentences")
+
     def __init__(self, draft: int, action: str, arg: int | None = None) -> None:
         style = {
             "start": discord.ButtonStyle.success,
             "drop": discord.ButtonStyle.danger,
         }.get(action, discord.ButtonStyle.secondary)
         custom_id = f"lc:d:{draft}:{action}" + (f":{arg}" if arg is not None else "")
-        super().__init__(discord.ui.Button(label=self.LABELS[action], style=style, custom_id=custom_id))
+        label = self.STYLE_LABELS[arg] if action == "tag" and arg in (0, 1) else self.LABELS[action]
+        super().__init__(discord.ui.Button(label=label, style=style, custom_id=custom_id))
         self.draft_id, self.action, self.arg = draft, action, arg
 
     @classmethod

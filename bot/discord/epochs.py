@@ -130,13 +130,13 @@ class EpochsMixin:
             self.bot.edits.edit(draft.thread_id, draft.progress_id, content=clip(text))
 
     async def on_job_event(self, job: store.Job, event: Any) -> None:
-        if job.kind not in ("train", "tag"):
+        if job.kind not in ("train", "tag", "caption"):
             return
         draft = state.draft_of_job(self.bot.db, job.id)
         if draft is None:
             return
         thread = self.bot.get_partial_messageable(draft.thread_id)
-        if job.kind == "tag":
+        if job.kind in ("tag", "caption"):
             await self._tag_event(draft, thread, event)
             return
         if isinstance(event, StageEvent):

@@ -1,4 +1,5 @@
-"""Auto-tag: queueing the tagger, its report, the tag picker, removing the picked tags from captions."""
+"""Auto-caption: queueing the WD14 tagger or the sentence captioner (the family's style, or the one
+the member picked), their report, the tag/phrase picker, removing the picked ones from captions."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import discord
 from discord.ext import commands
 
 from runner.data.tagger import compose, split_caption
-from runner.spec import FailedEvent, TaggedEvent, TagSpec
+from runner.families.protocol import ModelError
+from runner.families.registry import base_family
+from runner.spec import CaptionedEvent, FailedEvent, TaggedEvent, TagSpec
 
 from .. import jobs, store
+from ..config import ConfigError
 from . import state
-from .card import DraftButton, refresh_card
+from .captions import apply_to_all, images_of
+from .card import STYLES, DraftButton, refresh_card
 from .common import Served, bot_of, clip, defer, edit_modal_or_message, member_id, say
 from .delivery import outbox_nonce
 from .draft import FROZEN, dataset_dir
@@ -68,12 +73,17 @@ def _select_options(message: discord.Message | None, custom_id: str) -> list[dic
     return []
 
 
-def _summary(bot: commands.Bot, draft: state.Draft) -> TaggedEvent | None:
+Summary = TaggedEvent | CaptionedEvent
+
+
+def _summary(bot: commands.Bot, draft: state.Draft) -> Summary | None:
     job = store.get_job(bot.db, draft.tag_job_id) if draft.tag_job_id else None
-    return TaggedEvent.model_validate_json(job.result) if job and job.result else None
+    if not (job and job.result):
+        return None
+    return (CaptionedEvent if job.kind == "caption" else TaggedEvent).model_validate_json(job.result)
 
 
-def tag_view(draft: state.Draft, tagged: TaggedEvent | None, page: int) -> discord.ui.View:
+def tag_view(draft: state.Draft, tagged: Summary | None, page: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     tags = tagged.tag_summary if tagged else []
     chosen = set(draft.settings_dict.get("remove", []))
@@ -116,30 +126,39 @@ class TaggingMixin:
 
     bot: commands.Bot
 
-    async def do_tag(self, ix: discord.Interaction, draft: state.Draft, _: int | None) -> None:
+    async def do_tag(self, ix: discord.Interaction, draft: state.Draft, style: int | None) -> None:
+        """Auto-caption in ``style`` (an index into STYLES; None, as on cards made before there was a
+        choice: the family's own)."""
         await defer(ix)
-        s = draft.settings_dict
+        s, cfg = draft.settings_dict, self.bot.cfg
+        native = base_family(cfg.base(draft.base)).caption_style
+        sentences = (STYLES[style] if style in (0, 1) else native) == "sentences"
         # Checked and written in one transaction: a second tap (or a second process) finds the first job.
         try:
             with store.immediate(self.bot.db):
                 if busy := self._busy(draft.id):
                     raise jobs.JobError(busy)
-                job = jobs.submit_tag(
-                    self.bot.db,
-                    self.bot.cfg,
-                    draft.owner,
-                    draft.dataset,
-                    {
-                        "tagger": self.bot.cfg.discord.tagger,
+                if sentences:
+                    settings = {
+                        "captioner": cfg.discord.captioner,
+                        "trigger_word": s.get("trigger"),
+                        # Long captions for text encoders that read them (T5, Qwen3); CLIP reads 75 tokens.
+                        "task": "more_detailed" if native == "sentences" else "detailed",
+                    }
+                    job = jobs.submit_caption(self.bot.db, cfg, draft.owner, draft.dataset, settings)
+                else:
+                    settings = {
+                        "tagger": cfg.discord.tagger,
                         "trigger_word": s.get("trigger"),
                         "preset": s.get("preset"),
-                    },
-                )
+                    }
+                    job = jobs.submit_tag(self.bot.db, cfg, draft.owner, draft.dataset, settings)
                 state.update_draft(self.bot.db, draft.id, tag_job_id=job.id)
-        except jobs.JobError as e:
+        except (jobs.JobError, ConfigError, ModelError) as e:
             await say(ix, f"Not queued: {e}")
             return
-        await say(ix, f"🏷️ Tagging queued (job #{job.id}); the tags appear in the thread.")
+        what = "📝 Captioning" if sentences else "🏷️ Tagging"
+        await say(ix, f"{what} queued (job #{job.id}); the captions' summary appears in the thread.")
 
     async def do_page(self, ix: discord.Interaction, draft: state.Draft, page: int | None) -> None:
         await edit_modal_or_message(ix, view=tag_view(draft, _summary(self.bot, draft), page or 0))
@@ -153,16 +172,33 @@ class TaggingMixin:
         if not remove:
             await say(ix, "No tags selected.")
             return
-        changed = await asyncio.to_thread(
-            remove_tags, dataset_dir(self.bot, draft), remove, draft.settings_dict.get("trigger")
-        )
+        if isinstance(_summary(self.bot, draft), CaptionedEvent):  # phrases inside sentences
+            images = images_of(self.bot, draft)
+            changed = await asyncio.to_thread(apply_to_all, images, "", remove)
+        else:
+            changed = await asyncio.to_thread(
+                remove_tags, dataset_dir(self.bot, draft), remove, draft.settings_dict.get("trigger")
+            )
         await say(
             ix, f"Removed {len(remove)} tag(s) from {changed} caption(s); the trigger word now carries them."
         )
 
     async def _tag_event(self, draft: state.Draft, thread: discord.PartialMessageable, event: Any) -> None:
         if isinstance(event, FailedEvent):
-            await thread.send(clip(f"Auto-tag failed: {event.reason}"), nonce=outbox_nonce())
+            await thread.send(clip(f"Auto-caption failed: {event.reason}"), nonce=outbox_nonce())
+        elif isinstance(event, CaptionedEvent):
+            s = draft.settings_dict
+            s["remove"] = []
+            draft = state.update_draft(self.bot.db, draft.id, settings=s)
+            top = ", ".join(f"{t.tag} ×{t.count}" for t in event.tag_summary[:12])
+            examples = "".join(f"\n> {clip(caption, 300)}" for _, caption in event.examples[:2])
+            text = (
+                f"📝 Captioned {event.captions_written}/{event.images} images. Most used: {top or 'none'}."
+                f"{examples}\nOpen **Captions** on the card to read and fix them, or pick phrases to remove "
+                "and **Remove selected**."
+            )
+            await thread.send(clip(text), view=tag_view(draft, event, 0), nonce=outbox_nonce())
+            await refresh_card(self.bot, draft)
         elif isinstance(event, TaggedEvent):
             s = draft.settings_dict
             s["remove"] = list(event.suggested_removals)

@@ -385,6 +385,7 @@ class Flux:
     # A guidance-distilled model samples without true CFG unless a prompt asks (kohya's --l 1.0).
     sample_defaults: Mapping[str, Any] = {"cfg_scale": 1.0}
     samplers = None  # its flow-matching Euler only
+    caption_style = "sentences"  # T5 reads sentences; Flux was trained on a VLM's captions
     base_model_version = "flux1"
     version_prefixes = ("flux",)
     pipeline_class = "FluxPipeline"

@@ -204,6 +204,9 @@ class Family(Protocol):
     own_settings: tuple[str, ...]
     refused: Mapping[str, str]  # settings this family cannot honour, and why
     sample_defaults: Mapping[str, Any]  # preview-prompt defaults (Flux: cfg_scale 1)
+    # What Auto-caption writes unless the member picks the other: WD14 "tags" (what SD1.5/SDXL
+    # anime checkpoints were trained on) or "sentences" (a VLM's, as Flux and Z-Image were).
+    caption_style: Literal["tags", "sentences"]
     samplers: tuple[str, ...] | None  # kohya sampler names it renders with; None: its own only
     base_model_version: str  # kohya's ss_base_model_version
     version_prefixes: tuple[str, ...]  # ss_base_model_version values (prefixes) of this family's LoRAs

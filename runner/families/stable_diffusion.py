@@ -81,6 +81,7 @@ class StableDiffusion:
     own_settings: tuple[str, ...] = ()
     refused: Mapping[str, str] = {}
     sample_defaults: Mapping[str, Any] = {}
+    caption_style = "tags"
     samplers = ("euler_a", "euler", "ddim", "dpmsolver++", "lms", "heun", "pndm", "unipc")
 
     @property

@@ -561,6 +561,7 @@ class ZImage:
     # preset's sample_steps, so a member's own sample_steps still wins.
     sample_defaults: Mapping[str, Any] = {"cfg_scale": 1.0}
     samplers = None  # its flow-matching Euler only
+    caption_style = "sentences"  # Qwen3 reads sentences; community trainers caption with a VLM
     base_model_version = "zimage"  # ai-toolkit's ss_base_model_version
     version_prefixes = (
         "zimage",
