@@ -143,6 +143,35 @@ def report(records: list[dict[str, Any]]) -> str:
             ],
         )
     )
+    caption = [r for r in records if r.get("metric") == "caption" and "captions_per_s" in r]
+    if caption:
+        out.append(
+            _table(
+                [
+                    "captioning",
+                    "model",
+                    "batch",
+                    "tokens × beams",
+                    "captions/s",
+                    "s/image",
+                    "load s",
+                    "peak MiB",
+                ],
+                [
+                    [
+                        r["step"],
+                        f"{r['settings']['model']}, {r['settings']['dtype']}",
+                        r["settings"]["batch"],
+                        f"{r['settings']['new_tokens']} × {r['settings']['num_beams']}",
+                        r["captions_per_s"],
+                        r["s_per_image"],
+                        r["load_s"],
+                        _peak(r),
+                    ]
+                    for r in caption
+                ],
+            )
+        )
     other = [r for r in records if "skipped" in r or "error" in r]
     out.append(
         _table(["not measured", "why"], [[r["step"], r.get("skipped") or r.get("error")] for r in other])

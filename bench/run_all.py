@@ -200,6 +200,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
             )
         )
     steps.append(Step("intake", ["-m", "bench.intake", *p["intake"]], 300, metric="intake"))
+    steps.append(Step("caption florence2", ["-m", "bench.caption", *p["caption"]], 420, metric="caption"))
     for members in p["scheduler_members"]:
         steps.append(
             Step(
@@ -279,6 +280,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_steps=20,
         gen_repeats=5,
         intake=["--images", "40"],
+        caption=["--profile", "large", "--device", "cuda"],
         scheduler_members=[],  # the bot's figures come from the cpu profile (the GPU image has no sqlite-utils)
         discord_members=[],
         scheduler_jobs=400,
@@ -306,6 +308,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_steps=4,
         gen_repeats=3,
         intake=["--images", "40"],
+        caption=["--profile", "tiny", "--device", "cpu"],  # the large model takes ~40 s an image here
         scheduler_members=[50, 200],
         discord_members=[50, 200],
         scheduler_jobs=400,
@@ -317,6 +320,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_steps=2,
         gen_repeats=1,
         intake=["--images", "3", "--size", "256x192"],
+        caption=["--profile", "tiny", "--device", "cpu"],
         scheduler_members=[5],
         discord_members=[5],
         scheduler_jobs=20,

@@ -121,3 +121,36 @@ def test_gpu_profile_takes_the_flux_memory_figure_in_its_own_call():
     assert steps["flux fp8_base"].metric == "train" and "-s" in steps["flux fp8_base"].argv
     assert "tests/test_flux.py" in steps["flux fp8_base"].argv
     assert "flux fp8_base" not in steps_for(None)
+
+
+def test_caption_bench_runs_the_worker_s_caption_job_on_a_tiny_florence():
+    cmd = [sys.executable, "-m", "bench.caption", "--profile", "tiny", "--device", "cpu", "--images", "6"]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["settings"]["batch"] for r in records] == [1, 4]
+    for r in records:
+        assert (
+            r["metric"] == "caption"
+            and r["settings"]["device"] == "cpu"
+            and r["settings"]["dtype"] == "float32"
+        )
+        assert r["captions"] == 6 and r["example"]
+        # min_new_tokens = max_new_tokens: a random model's captions run the full length, one word a token
+        # (fewer only where it picks a special token, which decoding drops).
+        assert 0 < r["words_per_caption"] <= r["settings"]["new_tokens"] == 8
+        assert r["captions_per_s"] > 0 and r["s_per_image"] > 0 and r["load_s"] > 0 and r["total_s"] > 0
+        assert r["peak_vram_mib"] is None  # no GPU: no allocator figure
+    assert records[0]["captions_written"] == 6  # the first job wrote every caption file
+
+
+def test_gpu_profile_captions_with_the_large_model_on_cuda():
+    from argparse import Namespace
+
+    from bench.run_all import plan
+
+    args = Namespace(
+        profile="gpu", work="/tmp/w", ref_python=None, kohya_python=None, kohya_path=None,
+        families=["sd15"], only=["caption"], refs=True,
+    )  # fmt: skip
+    (step,) = plan(args)
+    assert step.metric == "caption" and step.argv[-4:] == ["--profile", "large", "--device", "cuda"]
