@@ -106,7 +106,9 @@ class Usage:
         return self.quota.daily_gpu_seconds - self.gpu_seconds_used - self.gpu_seconds_reserved
 
 
-def usage(db: Database, cfg: Config, member: str, now: float | None = None) -> Usage:
+def usage(db: Database, cfg: Config, member: str, now: float | None = None, storage: bool = True) -> Usage:
+    """``storage=False``: ``storage_bytes`` is left 0 instead of walking the member's folders (only
+    training checks it, and a /gen under a crowd should not read the disk)."""
     now = time.time() if now is None else now
     active = store.list_jobs(db, store.ACTIVE, owner=member)
     return Usage(
@@ -115,7 +117,7 @@ def usage(db: Database, cfg: Config, member: str, now: float | None = None) -> U
         queued=sum(j.state == "queued" for j in active),
         gpu_seconds_used=store.gpu_seconds_since(db, now - 86400, member).get(member, 0.0),
         gpu_seconds_reserved=sum(_expected(j, now) for j in active),
-        storage_bytes=storage_bytes(cfg.data_dir, member),
+        storage_bytes=storage_bytes(cfg.data_dir, member) if storage else 0,
     )
 
 
@@ -281,7 +283,7 @@ def _submit(
     except DiskFull as e:
         raise JobError(f"not queued: {e}") from None
     with store.immediate(db):
-        check_quota(usage(db, cfg, member), estimate, images)
+        check_quota(usage(db, cfg, member, storage=kind == "train"), estimate, images)
         job_id = store.insert_job(
             db,
             kind,
@@ -477,6 +479,18 @@ class Planned:
 class Plan:
     running: list[store.Job]
     queued: list[Planned] = field(default_factory=list)
+
+
+def place(db: Database, cfg: Config, job: store.Job) -> Planned | None:
+    """Where one queued job stands, as ``plan`` says. A short (not training) job's place needs only
+    the short jobs ahead of it, counted in the store; the queue is read whole for training only."""
+    if job.kind == "train":
+        return next((p for p in plan(db, cfg).queued if p.job.id == job.id), None)
+    current = store.get_job(db, job.id)
+    if current is None or current.state != "queued":
+        return None
+    ahead, seconds = store.short_jobs_ahead(db, current)
+    return Planned(current, ahead + 1, seconds / max(len(cfg.workers.devices), 1))
 
 
 def plan(db: Database, cfg: Config, now: float | None = None) -> Plan:

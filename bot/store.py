@@ -281,10 +281,9 @@ class Job:
 
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
-
-
-def _job(row: dict[str, Any]) -> Job:
-    return Job(**{k: row[k] for k in _JOB_COLUMNS})
+# The columns in Job's order: a row becomes a Job positionally, with no dict per row (the queue is
+# read on every /gen and /queue, hundreds of rows each time under a crowd).
+_JOB_SELECT = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
 
 
 def insert_job(
@@ -321,20 +320,32 @@ def set_job_spec(db: Database, job_id: int, spec: dict[str, Any]) -> None:
 
 
 def get_job(db: Database, job_id: int) -> Job | None:
-    rows = list(db.query("SELECT * FROM jobs WHERE id = ?", [job_id]))
-    return _job(rows[0]) if rows else None
+    row = db.execute(f"{_JOB_SELECT} WHERE id = ?", [job_id]).fetchone()
+    return Job(*row) if row else None
 
 
 def list_jobs(
     db: Database, states: tuple[str, ...] = STATES, owner: str | None = None, limit: int = 1000
 ) -> list[Job]:
-    sql = f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))})"
+    sql = f"{_JOB_SELECT} WHERE state IN ({', '.join('?' * len(states))})"
     params: list[Any] = list(states)
     if owner is not None:
         sql += " AND owner = ?"
         params.append(owner)
     sql += " ORDER BY submitted_at, id LIMIT ?"
-    return [_job(r) for r in db.query(sql, [*params, limit])]
+    return [Job(*r) for r in db.execute(sql, [*params, limit]).fetchall()]
+
+
+def short_jobs_ahead(db: Database, job: Job) -> tuple[int, float]:
+    """How many queued jobs that are not training were submitted before ``job``, and the sum of
+    their estimates: the queue ahead of a short job (``jobs.fair_order`` runs these first, in
+    submit order), counted in SQLite without reading the queue's rows."""
+    row = db.execute(
+        "SELECT count(*), coalesce(sum(estimate_s), 0) FROM jobs WHERE state = 'queued' "
+        "AND kind != 'train' AND (submitted_at < ? OR (submitted_at = ? AND id < ?))",
+        [job.submitted_at, job.submitted_at, job.id],
+    ).fetchone()
+    return row[0], row[1]
 
 
 def job_counts(db: Database) -> dict[tuple[str, str], int]:

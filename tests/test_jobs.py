@@ -76,6 +76,26 @@ def test_positions_and_etas_from_the_estimates_ahead(server):
     assert [(p.position, round(p.eta_s)) for p in plan.queued] == [(1, 10), (2, 34)]
 
 
+def test_place_of_one_job_is_its_place_in_the_plan(server):
+    cfg, db = server
+    a = train(cfg, db, "alice", "a")
+    g1 = jobs.submit_gen(db, cfg, "carol", "a cat", "tiny", {"steps": 4})
+    b = train(cfg, db, "bob", "b")
+    g2 = jobs.submit_gen(db, cfg, "bob", "a dog", "tiny", {"steps": 8, "count": 2})
+    g3 = jobs.submit_gen(db, cfg, "alice", "a fox", "tiny", {"steps": 2})
+    store.update_job(db, g2.id, submitted_at=g1.submitted_at)  # same instant: the id breaks the tie
+    jobs.move(db, a.id, "running", started_at=time.time())
+    planned = {p.job.id: (p.position, round(p.eta_s, 3)) for p in jobs.plan(db, cfg).queued}
+    assert len(planned) == 4
+    for job in (g1, g2, g3, b):
+        where = jobs.place(db, cfg, job)
+        assert (where.position, round(where.eta_s, 3)) == planned[job.id]
+    assert jobs.place(db, cfg, store.get_job(db, a.id)) is None  # running: no place in line
+    jobs.request_cancel(db, g1.id)
+    assert jobs.place(db, cfg, g1) is None
+    assert jobs.place(db, cfg, g3).position == 2
+
+
 def test_estimate_learned_from_measured_jobs(server):
     cfg, db = server
     first = train(cfg, db, "alice")

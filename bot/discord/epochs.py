@@ -101,7 +101,7 @@ async def pick_or_download(ix: discord.Interaction, job_id: int, action: str, ep
 
 
 def queued_text(bot: commands.Bot, job: store.Job) -> str:
-    where = next((p for p in jobs.plan(bot.db, bot.cfg).queued if p.job.id == job.id), None)
+    where = jobs.place(bot.db, bot.cfg, job)
     if where is None:
         return f"⏳ **{job.name}** is starting…"
     return f"⏳ **{job.name}** queued · #{where.position} in line · starts in ~{duration(where.eta_s)}"

@@ -93,8 +93,7 @@ async def submit(
         await say(ix, f"Not queued: {e}")
         return
     state.set_post(bot.db, job.id, ix.channel_id, None, mode == "spoiler")
-    queued = {p.job.id: p for p in jobs.plan(bot.db, bot.cfg).queued}
-    where = queued.get(job.id)
+    where = jobs.place(bot.db, bot.cfg, job)
     eta = f" · starts in ~{duration(where.eta_s)}" if where and where.eta_s >= 1 else ""
     await say(
         ix,
