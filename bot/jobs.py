@@ -481,16 +481,30 @@ class Plan:
     queued: list[Planned] = field(default_factory=list)
 
 
+def places(db: Database, cfg: Config, queued: list[store.Job]) -> list[Planned]:
+    """Where each of ``queued`` stands (those no longer queued are left out), as ``plan`` says. A
+    short (not training) job's place needs only the short jobs ahead of it, counted in the store;
+    the queue is read whole only when one of them trains."""
+    full = None
+    if any(j.kind == "train" for j in queued):
+        full = {p.job.id: p for p in plan(db, cfg).queued}
+    out = []
+    for job in queued:
+        if full is not None and job.kind == "train":
+            if job.id in full:
+                out.append(full[job.id])
+            continue
+        current = store.get_job(db, job.id)
+        if current is None or current.state != "queued":
+            continue
+        ahead, seconds = store.short_jobs_ahead(db, current)
+        out.append(Planned(current, ahead + 1, seconds / max(len(cfg.workers.devices), 1)))
+    return out
+
+
 def place(db: Database, cfg: Config, job: store.Job) -> Planned | None:
-    """Where one queued job stands, as ``plan`` says. A short (not training) job's place needs only
-    the short jobs ahead of it, counted in the store; the queue is read whole for training only."""
-    if job.kind == "train":
-        return next((p for p in plan(db, cfg).queued if p.job.id == job.id), None)
-    current = store.get_job(db, job.id)
-    if current is None or current.state != "queued":
-        return None
-    ahead, seconds = store.short_jobs_ahead(db, current)
-    return Planned(current, ahead + 1, seconds / max(len(cfg.workers.devices), 1))
+    """``places`` of one job: None when it is not queued."""
+    return next(iter(places(db, cfg, [job])), None)
 
 
 def plan(db: Database, cfg: Config, now: float | None = None) -> Plan:

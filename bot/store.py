@@ -336,6 +336,10 @@ def list_jobs(
     return [Job(*r) for r in db.execute(sql, [*params, limit]).fetchall()]
 
 
+def count_jobs(db: Database, state: str) -> int:
+    return db.execute("SELECT count(*) FROM jobs WHERE state = ?", [state]).fetchone()[0]
+
+
 def short_jobs_ahead(db: Database, job: Job) -> tuple[int, float]:
     """How many queued jobs that are not training were submitted before ``job``, and the sum of
     their estimates: the queue ahead of a short job (``jobs.fair_order`` runs these first, in

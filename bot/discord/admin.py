@@ -33,10 +33,14 @@ class Cog(commands.Cog, name="Cog_admin"):
     async def queue(self, ix: discord.Interaction) -> None:
         await defer(ix)
         me = member_id(ix.user)
-        p = jobs.plan(self.bot.db, self.bot.cfg)
-        lines = ["**Running**"] + ([_job_line(j) for j in p.running] or ["nothing"])
-        mine = [q for q in p.queued if q.job.owner == me]
-        lines.append(f"**Waiting**: {len(p.queued)} job(s)")
+        db = self.bot.db
+        # The member's own jobs and a count, not the whole queue: under a crowd it is long, and
+        # /queue is what everyone taps while they wait.
+        running = store.list_jobs(db, ("running",))
+        mine = jobs.places(db, self.bot.cfg, store.list_jobs(db, ("queued",), owner=me))
+        mine.sort(key=lambda q: q.position)
+        lines = ["**Running**"] + ([_job_line(j) for j in running] or ["nothing"])
+        lines.append(f"**Waiting**: {store.count_jobs(db, 'queued')} job(s)")
         lines += [
             f"{_job_line(q.job)} · #{q.position} in line · starts in ~{duration(q.eta_s)}" for q in mine
         ]

@@ -124,9 +124,12 @@ def claim_tap(db: Database, button: str, member: str) -> bool:
 
 
 def set_post(db: Database, job_id: int, channel_id: int, message_id: int | None, spoiler: bool) -> None:
-    db["discord_posts"].upsert(
-        {"job_id": job_id, "channel_id": channel_id, "message_id": message_id, "spoiler": int(spoiler)},
-        pk="job_id",
+    # Plain SQL: sqlite-utils' upsert reads the schema first, on every /gen.
+    db.execute(
+        "INSERT INTO discord_posts (job_id, channel_id, message_id, spoiler) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT(job_id) DO UPDATE SET channel_id = excluded.channel_id, "
+        "message_id = excluded.message_id, spoiler = excluded.spoiler",
+        [job_id, channel_id, message_id, int(spoiler)],
     )
 
 
