@@ -154,3 +154,15 @@ def test_gpu_profile_captions_with_the_large_model_on_cuda():
     )  # fmt: skip
     (step,) = plan(args)
     assert step.metric == "caption" and step.argv[-4:] == ["--profile", "large", "--device", "cuda"]
+
+
+def test_discord_ack_bench_with_the_stub_in_its_own_process_and_an_upload():
+    cmd = [sys.executable, "-m", "bench.discord_ack", "--members", "3", "--rounds", "1", "--upload", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["settings"] == {"members": 3, "rounds": 1, "stub": "own process", "upload": 2}
+    # Rounds go on until the bot has taken the upload in: each round is a /gen and a /queue a member.
+    assert record["rounds_run"] >= 1 and record["interactions"] == 6 * record["rounds_run"]
+    assert record["violations"] == [] and record["over_3s"] == 0
+    assert 0 < record["upload_interactions"] <= record["interactions"]
+    assert record["upload_intake_s"] > 0
