@@ -242,6 +242,7 @@ async def measure(
                 cwd=ROOT,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                limit=1 << 26,  # the result line lists every interaction's ack time
                 env={
                     **os.environ,
                     "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
