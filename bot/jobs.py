@@ -488,17 +488,15 @@ def places(db: Database, cfg: Config, queued: list[store.Job]) -> list[Planned]:
     full = None
     if any(j.kind == "train" for j in queued):
         full = {p.job.id: p for p in plan(db, cfg).queued}
+    short = store.short_jobs_ahead(db, [j.id for j in queued if j.kind != "train"])
     out = []
     for job in queued:
-        if full is not None and job.kind == "train":
-            if job.id in full:
+        if job.kind == "train":
+            if full is not None and job.id in full:
                 out.append(full[job.id])
-            continue
-        current = store.get_job(db, job.id)
-        if current is None or current.state != "queued":
-            continue
-        ahead, seconds = store.short_jobs_ahead(db, current)
-        out.append(Planned(current, ahead + 1, seconds / max(len(cfg.workers.devices), 1)))
+        elif job.id in short:
+            ahead, seconds = short[job.id]
+            out.append(Planned(job, ahead + 1, seconds / max(len(cfg.workers.devices), 1)))
     return out
 
 

@@ -340,16 +340,19 @@ def count_jobs(db: Database, state: str) -> int:
     return db.execute("SELECT count(*) FROM jobs WHERE state = ?", [state]).fetchone()[0]
 
 
-def short_jobs_ahead(db: Database, job: Job) -> tuple[int, float]:
-    """How many queued jobs that are not training were submitted before ``job``, and the sum of
-    their estimates: the queue ahead of a short job (``jobs.fair_order`` runs these first, in
-    submit order), counted in SQLite without reading the queue's rows."""
-    row = db.execute(
-        "SELECT count(*), coalesce(sum(estimate_s), 0) FROM jobs WHERE state = 'queued' "
-        "AND kind != 'train' AND (submitted_at < ? OR (submitted_at = ? AND id < ?))",
-        [job.submitted_at, job.submitted_at, job.id],
-    ).fetchone()
-    return row[0], row[1]
+def short_jobs_ahead(db: Database, job_ids: list[int]) -> dict[int, tuple[int, float]]:
+    """For each of ``job_ids`` that is queued and not training: how many such jobs are ahead of it
+    and the sum of their estimates (``jobs.fair_order`` runs them first, in submit order). One
+    pass over the queue in SQLite, whatever its length, instead of its rows read into Python."""
+    if not job_ids:
+        return {}
+    sql = (
+        "SELECT id, ahead, ahead_s FROM (SELECT id, row_number() OVER w - 1 AS ahead, "
+        "coalesce(sum(estimate_s) OVER w, 0) - coalesce(estimate_s, 0) AS ahead_s FROM jobs "
+        "WHERE state = 'queued' AND kind != 'train' WINDOW w AS (ORDER BY submitted_at, id)) "
+        f"WHERE id IN ({', '.join('?' * len(job_ids))})"
+    )
+    return {i: (n, seconds) for i, n, seconds in db.execute(sql, job_ids).fetchall()}
 
 
 def job_counts(db: Database) -> dict[tuple[str, str], int]:
