@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import flow_matching
-from .presets import COMMON
+from .presets import DIT, DIT_KINDS
 from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
 
 if TYPE_CHECKING:
@@ -80,26 +80,7 @@ NOT_FOR_FLUX = {
 # model_prediction_type raw, guidance_scale 1.0). CLIP-L stays frozen so every caption is encoded
 # once; captions are not shuffled (T5 reads sentences) nor dropped, which would also undo that cache.
 # None of the UNet-only settings (min-SNR, noise offset, LoCon) apply.
-PRESET: dict[str, Any] = {
-    **{k: v for k, v in COMMON.items() if k != "min_snr_gamma"},
-    "network_dim": 16,
-    "network_alpha": 16,
-    "learning_rate": 1e-4,
-    "unet_lr": 1e-4,
-    "network_train_unet_only": True,
-    "gradient_checkpointing": True,
-    "save_precision": "bf16",
-    "train_batch_size": 1,
-    "timestep_sampling": "shift",
-    "discrete_flow_shift": 3.1582,
-    "model_prediction_type": "raw",
-    "guidance_scale": 1.0,
-}
-PRESET_KINDS: dict[str, dict[str, Any]] = {
-    "character": {},
-    "style": {"flip_aug": True},
-    "concept": {"flip_aug": True, "max_train_epochs": 8},
-}
+PRESET: dict[str, Any] = {**DIT, "discrete_flow_shift": 3.1582, "guidance_scale": 1.0}
 
 # ---- kohya's (BFL's) module names ----
 
@@ -391,7 +372,7 @@ class Flux:
     pipeline_class = "FluxPipeline"
 
     def preset(self, kind: str) -> dict[str, Any]:
-        return {**PRESET, **PRESET_KINDS[kind]}
+        return {**PRESET, **DIT_KINDS[kind]}
 
     def size_step(self, base: Base) -> int:
         return 2 * base.vae_scale_factor  # 2x2 latent patches

@@ -71,3 +71,27 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 
 PRESETS = tuple(KINDS)
+
+
+# The large DiTs (Flux.1, Z-Image): Civitai's Flux defaults (dim/alpha 16/16, lr 1e-4, cosine) and
+# kohya's README recipe (shifted sigmoid timesteps, the raw prediction). The transformer alone
+# trains, so every caption is encoded once; batch 1 with gradient checkpointing fits 24 GB cards.
+# None of the UNet-only settings (min-SNR, noise offset, LoCon) apply. Each family adds its shift.
+DIT: dict[str, Any] = {
+    **{k: v for k, v in COMMON.items() if k != "min_snr_gamma"},
+    "network_dim": 16,
+    "network_alpha": 16,
+    "learning_rate": 1e-4,
+    "unet_lr": 1e-4,
+    "network_train_unet_only": True,
+    "gradient_checkpointing": True,
+    "save_precision": "bf16",
+    "train_batch_size": 1,
+    "timestep_sampling": "shift",
+    "model_prediction_type": "raw",
+}
+DIT_KINDS: dict[str, dict[str, Any]] = {
+    "character": {},
+    "style": {"flip_aug": True},
+    "concept": {"flip_aug": True, "max_train_epochs": 8},
+}

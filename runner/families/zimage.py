@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import flow_matching
-from .presets import COMMON
+from .presets import DIT, DIT_KINDS
 from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
 
 if TYPE_CHECKING:
@@ -171,26 +171,7 @@ NOT_FOR_ZIMAGE = {
 # flow shift and the scheduler's own; ai-toolkit's default is the unshifted sigmoid); the raw output
 # against noise - x_0 (both trainers' target). Previews: Turbo's 8 steps. Captions are not shuffled
 # (Qwen3 reads sentences) nor dropped, so each is encoded once.
-PRESET: dict[str, Any] = {
-    **{k: v for k, v in COMMON.items() if k != "min_snr_gamma"},
-    "network_dim": 16,
-    "network_alpha": 16,
-    "learning_rate": 1e-4,
-    "unet_lr": 1e-4,
-    "network_train_unet_only": True,
-    "gradient_checkpointing": True,
-    "save_precision": "bf16",
-    "train_batch_size": 1,
-    "timestep_sampling": "shift",
-    "discrete_flow_shift": 3.0,
-    "model_prediction_type": "raw",
-    "sample_steps": 8,
-}
-PRESET_KINDS: dict[str, dict[str, Any]] = {
-    "character": {},
-    "style": {"flip_aug": True},
-    "concept": {"flip_aug": True, "max_train_epochs": 8},
-}
+PRESET: dict[str, Any] = {**DIT, "discrete_flow_shift": 3.0, "sample_steps": 8}
 
 # Every Linear of attention and feed-forward in the three block lists (7 a block, 238 in the real
 # model), as the notes' study of ai-toolkit and musubi-tuner files recommends; adaLN modulation,
@@ -571,7 +552,7 @@ class ZImage:
     pipeline_class = "ZImagePipeline"
 
     def preset(self, kind: str) -> dict[str, Any]:
-        return {**PRESET, **PRESET_KINDS[kind]}
+        return {**PRESET, **DIT_KINDS[kind]}
 
     def size_step(self, base: Base) -> int:
         return 2 * base.vae_scale_factor  # 2x2 latent patches
