@@ -108,6 +108,11 @@ class ProgressPrinter:
             self.bar = None
 
 
+def _emitter(args: argparse.Namespace) -> Any:
+    """Events as JSON lines with --json, else a progress bar for a person."""
+    return (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     try:
         spec = TrainSpec.parse(settings_from_args(args))
@@ -116,8 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     from .train.loop import train
 
-    emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
-    result = train(spec, emit)
+    result = train(spec, _emitter(args))
     if isinstance(result, FailedEvent):
         print(f"error: {result.reason}", file=sys.stderr)
         return 1
@@ -157,91 +161,83 @@ def _tag_list(values: list[str] | None) -> list[str]:
     return [t.strip() for v in values or [] for t in v.split(",") if t.strip()]
 
 
+def _caption_job(
+    args: argparse.Namespace, spec_type: Any, names: dict[str, str], extra: dict[str, Any]
+) -> Any:
+    """Parse a tag or caption job's settings (``--set`` first, named options over them); SpecError
+    says what is wrong."""
+    settings = parse_sets(args.set)
+    settings["train_data_dir"] = args.data
+    settings.update(_given(args, names))
+    settings.update(extra)
+    return spec_type.parse(settings)
+
+
+def _report_captions(args: argparse.Namespace, result: Any, examples: bool) -> int:
+    """What a tag or caption job did, for a person (or nothing more with --json); the exit code."""
+    if isinstance(result, FailedEvent):
+        print(f"error: {result.reason}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(f"{result.images} images captioned, {result.captions_written} caption files written")
+        for file, why in result.skipped:
+            print(f"skipped {file}: {why}")
+        for file, caption in result.examples if examples else ():
+            print(f"{file}: {caption}")
+        for row in result.tag_summary[:40]:
+            print(f"{row.count:5d}  {row.share:6.0%}  {row.tag}")
+    return 0
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
+    names = {
+        "tagger": "tagger",
+        "threshold": "general_threshold",
+        "character_threshold": "character_threshold",
+        "trigger": "trigger_word",
+        "mode": "mode",
+        "preset": "preset",
+        "caption_extension": "caption_extension",
+    }
+    lists = {k: _tag_list(v) for k, v in (("remove", args.remove), ("add", args.add)) if v}
     try:
-        settings = parse_sets(args.set)
-        settings["train_data_dir"] = args.data
-        settings.update(
-            _given(
-                args,
-                {
-                    "tagger": "tagger",
-                    "threshold": "general_threshold",
-                    "character_threshold": "character_threshold",
-                    "trigger": "trigger_word",
-                    "mode": "mode",
-                    "preset": "preset",
-                    "caption_extension": "caption_extension",
-                },
-            )
-        )
-        settings.update({k: _tag_list(v) for k, v in (("remove", args.remove), ("add", args.add)) if v})
-        spec = TagSpec.parse(settings)
+        spec = _caption_job(args, TagSpec, names, lists)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .data.tagger import tag_dataset
 
-    emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
-    result = tag_dataset(spec, emit)
-    if isinstance(result, FailedEvent):
-        print(f"error: {result.reason}", file=sys.stderr)
-        return 1
-    if not args.json:
-        print(f"{result.images} images captioned, {result.captions_written} caption files written")
-        for file, why in result.skipped:
-            print(f"skipped {file}: {why}")
-        for row in result.tag_summary[:40]:
-            print(f"{row.count:5d}  {row.share:6.0%}  {row.tag}")
-        if result.suggested_removals:
-            tags = ",".join(result.suggested_removals)
-            print(
-                f"on most images and about the subject; remove them to bake them into the trigger word:\n  --remove '{tags}'"
-            )
-    return 0
+    result = tag_dataset(spec, _emitter(args))
+    code = _report_captions(args, result, examples=False)
+    if code == 0 and not args.json and result.suggested_removals:
+        tags = ",".join(result.suggested_removals)
+        print(
+            f"on most images and about the subject; remove them to bake them into the trigger word:\n  --remove '{tags}'"
+        )
+    return code
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    names = {
+        "captioner": "captioner",
+        "task": "task",
+        "trigger": "trigger_word",
+        "trigger_style": "trigger_style",
+        "prefix": "prefix",
+        "mode": "mode",
+        "max_words": "max_words",
+        "batch_size": "batch_size",
+        "cache_dir": "cache_dir",
+        "caption_extension": "caption_extension",
+    }
     try:
-        settings = parse_sets(args.set)
-        settings["train_data_dir"] = args.data
-        settings.update(
-            _given(
-                args,
-                {
-                    "captioner": "captioner",
-                    "task": "task",
-                    "trigger": "trigger_word",
-                    "trigger_style": "trigger_style",
-                    "prefix": "prefix",
-                    "mode": "mode",
-                    "max_words": "max_words",
-                    "batch_size": "batch_size",
-                    "cache_dir": "cache_dir",
-                    "caption_extension": "caption_extension",
-                },
-            )
-        )
-        spec = CaptionSpec.parse(settings)
+        spec = _caption_job(args, CaptionSpec, names, {})
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .data.captioner import caption_dataset
 
-    emit = (lambda e: print(e.model_dump_json(), flush=True)) if args.json else ProgressPrinter()
-    result = caption_dataset(spec, emit)
-    if isinstance(result, FailedEvent):
-        print(f"error: {result.reason}", file=sys.stderr)
-        return 1
-    if not args.json:
-        print(f"{result.images} images captioned, {result.captions_written} caption files written")
-        for file, why in result.skipped:
-            print(f"skipped {file}: {why}")
-        for file, caption in result.examples:
-            print(f"{file}: {caption}")
-        for row in result.tag_summary[:40]:
-            print(f"{row.count:5d}  {row.share:6.0%}  {row.tag}")
-    return 0
+    return _report_captions(args, caption_dataset(spec, _emitter(args)), examples=True)
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
