@@ -4,6 +4,7 @@ transformers' own generate with tiny models built here (no download)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -391,3 +392,17 @@ def test_the_bot_queues_a_caption_job_a_worker_runs(tmp_path, says_dir):
     result = parse_event(job.result)
     assert isinstance(result, CaptionedEvent) and result.images == 3 and result.seconds > 0
     assert _read(data, 0) == "zzk, a woman with long hair. She is smiling at the camera."
+
+
+def test_cli_caption_reports_to_a_person(tmp_path, says_dir, capsys):
+    from bot.cli import main
+
+    root = _dataset(tmp_path / "data")
+    assert (
+        main(["caption", str(root), "--captioner", str(says_dir), "--trigger", "zzk", "--mode", "replace"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "3 images captioned, 3 caption files written" in out
+    assert "0000.png: zzk, a woman with long hair. She is smiling at the camera." in out  # an example
+    assert re.search(r"^\s+3\s+100%\s+long hair$", out, re.M)  # the phrase table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -221,3 +222,14 @@ def test_cli_tag_json(tmp_path, tagger_dir):
     )  # fmt: skip
     assert bad.returncode == 2 and "general_threshold" in bad.stderr and "Traceback" not in bad.stderr
     assert json.loads(final.model_dump_json())["type"] == "tagged"
+
+
+def test_cli_tag_reports_to_a_person(tmp_path, tagger_dir, capsys):
+    from runner.cli import main
+
+    root = _dataset(tmp_path / "data")
+    assert main(["tag", str(root), "--tagger", str(tagger_dir), "--trigger", "sks", "--mode", "replace"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images captioned, 4 caption files written" in out
+    assert re.search(r"^\s+\d+\s+\d+%\s+1girl$", out, re.M)  # the tag table
+    assert "--remove '" in out  # the subject tags it suggests baking into the trigger
