@@ -14,7 +14,10 @@ importable without torch (the bot reads them).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .presets import DIT_KINDS
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +54,48 @@ def store_fp8(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
 
     transformer.to(compute_dtype)
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
+class DiT:
+    """What the flow-matching DiT families (Flux.1, Z-Image) share as families: their own Euler
+    sampler, sentence captions, no UNet blocks, image sides in 2x2 latent patches, fp8 storage only
+    with mixed precision, and no CFG at /gen unless the member asks."""
+
+    blocks_per_side = None
+    samplers = None  # the pipeline's own flow-matching Euler
+    caption_style = "sentences"  # their text encoders (T5, Qwen3) read sentences, as they were trained
+    pipeline_class: str
+    short_name: str
+    preset_settings: Mapping[str, Any]  # presets.DIT with the family's own shift
+    objective_class: type[FlowMatching]
+
+    def preset(self, kind: str) -> dict[str, Any]:
+        return {**self.preset_settings, **DIT_KINDS[kind]}
+
+    def size_step(self, base: Base) -> int:
+        return 2 * base.vae_scale_factor
+
+    def check_settings(self, settings: Mapping[str, Any], base: Base) -> list[str]:
+        bad = size_problems(settings, self.size_step(base), self.short_name)
+        if settings["fp8_base"] and settings["mixed_precision"] == "no":
+            # kohya refuses it too: the fp8 weights are upcast to the mixed-precision dtype as they run.
+            bad.append("fp8_base needs mixed_precision=bf16 (or fp16)")
+        return bad
+
+    def claims_folder(self, model_index: Mapping[str, Any], folder: Path) -> bool:
+        return model_index.get("_class_name") == self.pipeline_class
+
+    def block_of(self, component: str, module: str, base: Base) -> str | None:
+        return None
+
+    def objective(
+        self, base: Base, spec: TrainSpec, device: torch.device, autocast: torch.dtype
+    ) -> FlowMatching:
+        return self.objective_class(base, spec, device, autocast)
+
+    def gen_cfg_scale(self, requested: float, explicit: bool) -> float:
+        # Guidance- or step-distilled: true CFG (two passes, twice the work) only when asked.
+        return requested if explicit else 1.0
 
 
 class FlowMatching:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import flow_matching
-from .presets import DIT, DIT_KINDS
+from .presets import DIT
 from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
 
 if TYPE_CHECKING:
@@ -352,7 +352,7 @@ class FlowMatching(flow_matching.FlowMatching):
         return FluxPipeline._unpack_latents(packed, h * scale, w * scale, scale)
 
 
-class Flux:
+class Flux(flow_matching.DiT):
     name = "flux"
     display_name = "Flux.1"
     short_name = "Flux"
@@ -360,34 +360,17 @@ class Flux:
     text_encoders = ("CLIP-L", "T5-XXL")
     # kohya trains CLIP-L only; T5-XXL stays frozen (its train_t5xxl defaults to off).
     trainable_text_encoders = ("CLIP-L",)
-    blocks_per_side = None
     own_settings = ("guidance_scale", "t5xxl_max_token_length", *flow_matching.FLOW_MATCHING_SETTINGS)
     refused = NOT_FOR_FLUX
     # A guidance-distilled model samples without true CFG unless a prompt asks (kohya's --l 1.0).
     sample_defaults: Mapping[str, Any] = {"cfg_scale": 1.0}
-    samplers = None  # its flow-matching Euler only
-    caption_style = "sentences"  # T5 reads sentences; Flux was trained on a VLM's captions
     base_model_version = "flux1"
     version_prefixes = ("flux",)
     pipeline_class = "FluxPipeline"
-
-    def preset(self, kind: str) -> dict[str, Any]:
-        return {**PRESET, **DIT_KINDS[kind]}
-
-    def size_step(self, base: Base) -> int:
-        return 2 * base.vae_scale_factor  # 2x2 latent patches
-
-    def check_settings(self, settings: Mapping[str, Any], base: Base) -> list[str]:
-        bad = flow_matching.size_problems(settings, self.size_step(base), self.short_name)
-        if settings["fp8_base"] and settings["mixed_precision"] == "no":
-            # kohya refuses it too: the fp8 weights are upcast to the mixed-precision dtype as they run.
-            bad.append("fp8_base needs mixed_precision=bf16 (or fp16)")
-        return bad
+    preset_settings = PRESET
+    objective_class = FlowMatching
 
     # ---- detection ----
-
-    def claims_folder(self, model_index: Mapping[str, Any], folder: Path) -> bool:
-        return model_index.get("_class_name") == "FluxPipeline"
 
     def claims_file(self, name: str, keys: set[str], shape: Callable[[str], tuple[int, ...]]) -> bool:
         return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)
@@ -493,11 +476,6 @@ class Flux:
 
     # ---- training ----
 
-    def objective(
-        self, base: Base, spec: TrainSpec, device: torch.device, autocast: torch.dtype
-    ) -> FlowMatching:
-        return FlowMatching(base, spec, device, autocast)
-
     def prepare_training(self, base: Base, spec: TrainSpec, weight_dtype: torch.dtype) -> None:
         if spec.fp8_base:
             flow_matching.store_fp8(base.unet, weight_dtype)
@@ -527,9 +505,6 @@ class Flux:
         if spec.train_text_encoder:
             targets["te1"] = clip_targets(base.text_encoders[0], spec)
         return targets
-
-    def block_of(self, component: str, module: str, base: Base) -> str | None:
-        return None
 
     # ---- LoRA files ----
 
@@ -602,12 +577,8 @@ class Flux:
         ).images
         return pipe._unpack_latents(latents, height, width, scale)
 
-    def gen_cfg_scale(self, requested: float, explicit: bool) -> float:
-        # Flux dev is guidance-distilled: true CFG (cfg_scale above 1, twice the work) only when asked.
-        return requested if explicit else 1.0
-
     def parameters_fields(self, base: Base, request: SampleRequest) -> dict[str, Any]:
-        # Flux samples with flow-matching Euler; Forge writes it as Euler with the Simple schedule.
+        # Flow-matching Euler at FLUX.1's shift: what Forge writes as Euler with the Simple schedule.
         return {
             "Sampler": "Euler",
             "Schedule type": "Simple",

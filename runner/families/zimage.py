@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import flow_matching
-from .presets import DIT, DIT_KINDS
+from .presets import DIT
 from .protocol import Base, KohyaModule, ModelError, SampleRequest, Size, Target
 
 if TYPE_CHECKING:
@@ -528,21 +528,18 @@ class FlowMatching(flow_matching.FlowMatching):
         return -torch.stack(out).squeeze(2)
 
 
-class ZImage:
+class ZImage(flow_matching.DiT):
     name = "zimage"
     display_name = "Z-Image"
     short_name = "Z-Image"
     native_resolution = 1024
     text_encoders = ("Qwen3-4B",)
     trainable_text_encoders: tuple[str, ...] = ()  # ai-toolkit and musubi-tuner keep Qwen3 frozen
-    blocks_per_side = None
     own_settings = (ADAPTER_SETTING, *flow_matching.FLOW_MATCHING_SETTINGS)
     refused = NOT_FOR_ZIMAGE
     # Turbo is step-distilled: no CFG unless a prompt asks (--l above 1). Its 8 steps are the
     # preset's sample_steps, so a member's own sample_steps still wins.
     sample_defaults: Mapping[str, Any] = {"cfg_scale": 1.0}
-    samplers = None  # its flow-matching Euler only
-    caption_style = "sentences"  # Qwen3 reads sentences; community trainers caption with a VLM
     base_model_version = "zimage"  # ai-toolkit's ss_base_model_version
     version_prefixes = (
         "zimage",
@@ -550,17 +547,11 @@ class ZImage:
         "z-image",
     )  # musubi-tuner's architecture is z_image
     pipeline_class = "ZImagePipeline"
-
-    def preset(self, kind: str) -> dict[str, Any]:
-        return {**PRESET, **DIT_KINDS[kind]}
-
-    def size_step(self, base: Base) -> int:
-        return 2 * base.vae_scale_factor  # 2x2 latent patches
+    preset_settings = PRESET
+    objective_class = FlowMatching
 
     def check_settings(self, settings: Mapping[str, Any], base: Base) -> list[str]:
-        bad = flow_matching.size_problems(settings, self.size_step(base), self.short_name)
-        if settings["fp8_base"] and settings["mixed_precision"] == "no":
-            bad.append("fp8_base needs mixed_precision=bf16 (or fp16)")
+        bad = super().check_settings(settings, base)
         adapter = settings.get(ADAPTER_SETTING)
         if adapter:
             path = Path(adapter).expanduser()
@@ -569,9 +560,6 @@ class ZImage:
         return bad
 
     # ---- detection ----
-
-    def claims_folder(self, model_index: Mapping[str, Any], folder: Path) -> bool:
-        return model_index.get("_class_name") == "ZImagePipeline"
 
     def claims_file(self, name: str, keys: set[str], shape: Callable[[str], tuple[int, ...]]) -> bool:
         # ComfyUI's NextDiT layout (Z-Image and Lumina 2): the caption embedder and fused-qkv layers.
@@ -681,11 +669,6 @@ class ZImage:
 
     # ---- training ----
 
-    def objective(
-        self, base: Base, spec: TrainSpec, device: torch.device, autocast: torch.dtype
-    ) -> FlowMatching:
-        return FlowMatching(base, spec, device, autocast)
-
     def prepare_training(self, base: Base, spec: TrainSpec, weight_dtype: torch.dtype) -> None:
         adapter = spec.training_adapter
         if adapter:
@@ -711,9 +694,6 @@ class ZImage:
                 if isinstance(module, torch.nn.Linear) and LORA_MODULE.fullmatch(path)
             ]
         }
-
-    def block_of(self, component: str, module: str, base: Base) -> str | None:
-        return None
 
     # ---- LoRA files ----
 
@@ -788,10 +768,6 @@ class ZImage:
                 max_sequence_length=MAX_TOKENS,
                 output_type="latent",
             ).images
-
-    def gen_cfg_scale(self, requested: float, explicit: bool) -> float:
-        # Turbo is distilled to sample without CFG; CFG (twice the work) only when asked.
-        return requested if explicit else 1.0
 
     def parameters_fields(self, base: Base, request: SampleRequest) -> dict[str, Any]:
         # Flow-matching Euler at a fixed shift: what Forge and ComfyUI call Euler with the Simple schedule.
