@@ -1,4 +1,4 @@
-"""The bot's refusals on the Discord stub (no worker runs): LoRAs only by library name, never by
+"""The bot's refusals on the Discord stub: LoRAs only by library name, never by
 path; NSFW policy; quota refusal; a click on a job that no longer exists; admin-only commands; and a
 store from an older bot brought up to date."""
 
@@ -38,6 +38,8 @@ async def test_refusals_are_ephemeral_and_in_plain_words(tmp_path):
                 assert "no LoRA named" in text and "Queued" not in text
             assert db["jobs"].count == 0
 
+            # The scheduler runs: hold the queue so job #1 is still waiting when alice cancels it.
+            store.set_setting(db, "paused", True)
             queued = await stub.command(alice, "gen", {"prompt": "a cat", "steps": 2}, channel_id=lewd)
             assert "Queued (job #1" in (await queued.original_message()).content
             db.execute(
@@ -49,6 +51,7 @@ async def test_refusals_are_ephemeral_and_in_plain_words(tmp_path):
             cancel = await stub.command(alice, "cancel")
             assert "#1 cancelled" in (await cancel.original_message()).content
             db.execute("DELETE FROM jobs")
+            store.set_setting(db, "paused", False)
             message = await bot_message_with_button(stub, lewd)
             stale = await stub.click(alice, message, "lc:j:99:use:1")
             assert "no longer exists" in (await stale.original_message()).content
