@@ -722,11 +722,14 @@ class CaptionSpec(_Spec):
     max_new_tokens: int = Field(256, ge=8, le=4096, description="the longest caption generated, in tokens")
 
 
+LoraStrength = Annotated[float, Field(ge=-10.0, le=10.0)]  # a LoRA's weight, in /gen and in grids
+
+
 class LoraWeight(_Spec):
     name: str = Field(
         min_length=1, description="a LoRA's file name in lora_dir (without .safetensors), or a path"
     )
-    weight: float = Field(1.0, ge=-10.0, le=10.0)
+    weight: LoraStrength = 1.0
 
 
 def _gen_sampler(v: Any) -> Any:
@@ -738,18 +741,17 @@ def _gen_sampler(v: Any) -> Any:
     return v
 
 
-class GenSpec(_Spec):
-    """Text-to-image with LoRAs; the prompt may carry A1111's ``<lora:name:weight>`` tags."""
+class GenSettings(_Spec):
+    """What every generation job sets besides its prompts and LoRAs (the base, the sampler, the
+    image): GenSpec and GridSpec hold these fields, so their limits are written once."""
 
-    prompt: str
     base: str = Field(min_length=1, description="tiny:sd15, a .safetensors file or a diffusers folder")
     output_dir: str
     negative_prompt: str = ""
-    loras: list[LoraWeight] = Field(
-        default_factory=list, description="besides the prompt's tags; a tag for the same LoRA wins"
-    )
     lora_dir: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="image i gets seed + i; unset: random")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="gen: image i gets seed + i; grid: every cell; unset: random"
+    )
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
     guidance_scale: float = Field(
@@ -759,9 +761,45 @@ class GenSpec(_Spec):
         None, ge=64, le=4096, multiple_of=8, description="unset: the base's native size"
     )
     height: int | None = Field(None, ge=64, le=4096, multiple_of=8)
-    count: int = Field(1, ge=1, le=16)
     clip_skip: int | None = Field(None, ge=1, le=12)
     sampler: Annotated[GenSampler, BeforeValidator(_gen_sampler)] = "DPM++ 2M Karras"
+
+
+class GenSpec(GenSettings):
+    """Text-to-image with LoRAs; the prompt may carry A1111's ``<lora:name:weight>`` tags."""
+
+    prompt: str
+    loras: list[LoraWeight] = Field(
+        default_factory=list, description="besides the prompt's tags; a tag for the same LoRA wins"
+    )
+    count: int = Field(1, ge=1, le=16)
+
+
+# A grid's rows are epochs × prompts: at most 64 rows keep its PNG one a phone can open.
+GRID_EPOCHS, GRID_PROMPTS = 16, 4
+
+
+class GridSpec(GenSettings):
+    """One training run's epochs × weights: a row per saved epoch (and prompt), a column per LoRA
+    weight, every cell the same seed. Ends in an ImagesEvent with the one grid PNG."""
+
+    lora_dir: str = Field(min_length=1, description="the training run's output folder")
+    name: Annotated[str, Field(min_length=1, max_length=120), AfterValidator(_file_name)] = Field(
+        description="the run's output_name: its epochs are NAME-000001.safetensors …"
+    )
+    weights: list[LoraStrength] = Field(min_length=1, max_length=8, description="the columns")
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=GRID_PROMPTS, description="rows per epoch"
+    )
+    epochs: (
+        Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=GRID_EPOCHS)] | None
+    ) = Field(None, description="saved epochs to show, in this order; unset: every saved epoch")
+
+    def template(self, **update: Any) -> GenSpec:
+        """The GenSpec every cell starts from: the settings given here (only those given, so a
+        family's defaults still apply as they do for /gen), with ``update`` on top."""
+        given = self.model_dump(include=set(GenSettings.model_fields), exclude_unset=True)
+        return GenSpec.model_validate({**given, "prompt": "", **update})
 
 
 # ---- Events: what the worker streams back, one JSON object a line ----
@@ -871,7 +909,7 @@ class CaptionedEvent(_Spec):
 
 
 class ImagesEvent(_Spec):
-    """The end of a gen job: the PNGs written, each with its A1111 ``parameters`` text."""
+    """The end of a gen or grid job: the PNGs written, each with its A1111 ``parameters`` text."""
 
     type: Literal["images"] = "images"
     images: list[str]

@@ -30,6 +30,7 @@ from .spec import (
     EpochEvent,
     FailedEvent,
     GenSpec,
+    GridSpec,
     ProgressEvent,
     SpecError,
     TagSpec,
@@ -75,16 +76,28 @@ class Worker:
         self.training = False
         self._lent = 0.0  # seconds the training job's thread spent serving short jobs
         self._waiting: list[_Handover] = []
-        self.pipelines: Any = None  # a PipelineCache once the first gen job arrives (it imports torch)
+        self.pipelines: Any = (
+            None  # a PipelineCache once the first gen or grid job arrives (it imports torch)
+        )
 
-    def generate(self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event) -> Any:
-        """One gen job on this worker's warm pipelines; returns (and emits) ImagesEvent or FailedEvent."""
-        from .gen.generate import run_gen
+    def _warm_pipelines(self) -> Any:
         from .gen.pipelines import PipelineCache
 
         if self.pipelines is None:
             self.pipelines = PipelineCache(self.device)
-        return run_gen(spec, self.pipelines, emit, cancel)
+        return self.pipelines
+
+    def generate(self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event) -> Any:
+        """One gen job on this worker's warm pipelines; returns (and emits) ImagesEvent or FailedEvent."""
+        from .gen.generate import run_gen
+
+        return run_gen(spec, self._warm_pipelines(), emit, cancel)
+
+    def grid(self, spec: GridSpec, emit: Callable[[Any], None], cancel: threading.Event) -> Any:
+        """One grid job on the same warm pipelines as gen jobs (the epochs are hot-swapped LoRAs)."""
+        from .gen.generate import run_grid
+
+        return run_grid(spec, self._warm_pipelines(), emit, cancel)
 
     def _cancel_event(self, job_id: Any) -> threading.Event:
         with self._lock:
@@ -176,9 +189,10 @@ class Worker:
 
     def _dispatch(self, job: dict[str, Any], emit: Callable[[Any], None], cancel: threading.Event) -> None:
         kind = job.get("type")
-        specs: dict[str, type[TrainSpec | GenSpec | TagSpec | CaptionSpec]] = {
+        specs: dict[str, type[TrainSpec | GenSpec | GridSpec | TagSpec | CaptionSpec]] = {
             "train": TrainSpec,
             "gen": GenSpec,
+            "grid": GridSpec,
             "tag": TagSpec,
             "caption": CaptionSpec,
         }
@@ -199,6 +213,8 @@ class Worker:
             emit(FailedEvent(kind="cancelled", reason="cancelled before it started"))
         elif isinstance(spec, GenSpec):
             self.generate(spec, emit, cancel)
+        elif isinstance(spec, GridSpec):
+            self.grid(spec, emit, cancel)
         elif isinstance(spec, TagSpec):
             from .data.tagger import tag_dataset  # onnxruntime loads only for a tag job
 

@@ -18,7 +18,7 @@ from ..families.registry import family
 from ..formats.infotext import lora_tag, split_lora_tags
 from ..formats.kohya import LoraFileError
 from ..outcome import Cancelled, run_to_event
-from ..spec import FailedEvent, GenSpec, ImagesEvent, LoraWeight, SpecError
+from ..spec import FailedEvent, GenSpec, GridSpec, ImagesEvent, LoraWeight, SpecError, StageEvent
 from .grid import Grid, image_grid
 from .loras import find_lora
 from .pipelines import PipelineCache
@@ -166,11 +166,12 @@ def lora_grid(
     cache: PipelineCache,
     epochs: Sequence[int] | None = None,
     cancel: threading.Event | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
 ) -> Grid:
     """Epochs × prompts (rows) by weights (columns) of one LoRA, every cell with the template's seed.
 
     ``epochs`` None takes every saved epoch in ``template.lora_dir``. The grid's parameters are its
-    first cell's, as A1111 does for its grids.
+    first cell's, as A1111 does for its grids. ``on_cell(done, total)`` is called after each cell.
     """
     if template.lora_dir is None:
         raise SpecError("a grid needs the LoRA folder of the training run")
@@ -185,6 +186,7 @@ def lora_grid(
         find_lora(name, template.lora_dir)  # names the LoRAs that do exist
         raise SpecError(f"no epochs of {name} in {template.lora_dir}")
     seed = random.randrange(2**32) if template.seed is None else template.seed
+    total = len(files) * len(prompts) * len(weights)
     rows, row_labels, first = [], [], None
     for label, path in files.items():
         for k, prompt in enumerate(prompts):
@@ -201,9 +203,54 @@ def lora_grid(
                 (cell,) = gen_images(spec, cache, cancel)
                 first = first or cell
                 row.append(cell.image)
+                if on_cell is not None:
+                    on_cell(len(rows) * len(weights) + len(row), total)
             rows.append(row)
             row_labels.append(label if len(prompts) == 1 else f"{label}\nprompt {k + 1}")
     return image_grid(rows, row_labels, [f"weight {w:g}" for w in weights], parameters=first.parameters)
+
+
+def _grid_path(out_dir: Path, seed: int) -> Path:
+    """``grid-00003-1234.png``: a running number (as A1111 numbers its grids), then the seed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in out_dir.glob("grid-*.png") if (m := re.match(r"grid-(\d+)-", p.name))]
+    return out_dir / f"grid-{max(numbers, default=-1) + 1:05d}-{seed}.png"
+
+
+def render_grid(
+    spec: GridSpec, cache: PipelineCache, emit: Callable[[Any], None], cancel: threading.Event | None = None
+) -> ImagesEvent:
+    """A grid job: ``lora_grid`` of the spec saved to ``spec.output_dir`` with its first cell's
+    parameters. A stage event follows each cell: a large grid runs for minutes, and the bot's
+    watchdog restarts a worker that stays silent."""
+    started = time.monotonic()
+    # Drawn here rather than in lora_grid so that the event can carry it.
+    seed = random.randrange(2**32) if spec.seed is None else spec.seed
+
+    def cell_done(done: int, total: int) -> None:
+        emit(StageEvent(stage="grid", message=f"cell {done}/{total}", current=done, total=total))
+
+    grid = lora_grid(
+        spec.template(seed=seed), spec.name, spec.weights, spec.prompts, cache, spec.epochs, cancel, cell_done
+    )
+    path = _grid_path(Path(spec.output_dir), seed)
+    save_png(grid.image, path, grid.parameters)
+    return ImagesEvent(
+        images=[str(path)], parameters=[grid.parameters], seeds=[seed], seconds=time.monotonic() - started
+    )
+
+
+def run_grid(
+    spec: GridSpec, cache: PipelineCache, emit: Callable[[Any], None], cancel: threading.Event | None = None
+) -> ImagesEvent | FailedEvent:
+    """One grid job for a worker: every outcome is an event, emitted and returned."""
+    return run_to_event(
+        lambda: render_grid(spec, cache, emit, cancel),
+        emit,
+        bad_input=(SpecError, LoraFileError, ModelError),
+        cancelled="cancelled; the grid was not saved",
+        out_of_memory=lambda: "lower the size (each cell is rendered alone)",
+    )
 
 
 def run_gen(
