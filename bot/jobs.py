@@ -24,8 +24,17 @@ from runner.families.protocol import ModelError
 from runner.families.registry import base_family as detect_family
 from runner.families.registry import family as family_named
 from runner.families.registry import with_preset
-from runner.gen.sample_prompts import default_sample_prompts, read_sample_prompt
-from runner.spec import CaptionSpec, RunLength, SpecError, TagSpec, TrainSpec
+from runner.gen.sample_prompts import DEFAULT_NEGATIVE, default_sample_prompts, read_sample_prompt
+from runner.spec import (
+    GRID_EPOCHS,
+    GRID_PROMPTS,
+    CaptionSpec,
+    GridSpec,
+    RunLength,
+    SpecError,
+    TagSpec,
+    TrainSpec,
+)
 
 from . import store
 from .config import Config, ConfigError, Quota, QuotaOverride
@@ -360,6 +369,110 @@ def submit_gen(
     except (ConfigError, PathError) as e:
         raise JobError(str(e)) from None
     return _submit(db, cfg, member, "gen", None, spec, estimate)
+
+
+# What a grid takes from its training job rather than from the member's settings.
+_GRID_FROM_RUN = ("base", "lora_dir", "output_dir", "name", "weights", "prompts", "epochs")
+
+
+def _spread(saved: list[int], n: int) -> list[int]:
+    """``n`` of ``saved`` evenly spaced, the first and the last among them."""
+    if len(saved) <= n:
+        return saved
+    return [saved[round(i * (len(saved) - 1) / (n - 1))] for i in range(n)]
+
+
+def _run_prompts(run: TrainSpec) -> tuple[list[str], str]:
+    """A grid's default prompts: the run's own sample prompts (the first 4, without their kohya
+    options), else its trigger word; with the negative prompt its previews used."""
+    if run.sample_prompts:
+        try:
+            parsed = [
+                read_sample_prompt(entry, width=512, height=512, steps=20, sampler="", seed=0)
+                for entry in run.sample_prompts
+            ]
+        except ValueError as e:
+            raise JobError(
+                f"this run's sample prompts cannot be read ({e}): give the grid's prompts"
+            ) from None
+        parsed = [sp for sp in parsed if sp.prompt][:GRID_PROMPTS]
+        negatives = {sp.negative for sp in parsed}
+        if parsed:  # one negative prompt for the whole grid: theirs when they share one
+            return [sp.prompt for sp in parsed], negatives.pop() if len(negatives) == 1 else ""
+    if run.trigger_word and run.trigger_word.strip():
+        # The trainer's own default previews start with the trigger and use this negative prompt.
+        return [run.trigger_word.strip()], DEFAULT_NEGATIVE
+    raise JobError("this run has no sample prompts and no trigger word: give the grid's prompts")
+
+
+def submit_grid(
+    db: Database,
+    cfg: Config,
+    member: str,
+    train_job_id: int,
+    weights: list[float],
+    prompts: list[str] | None = None,
+    epochs: list[int] | None = None,
+    settings: dict[str, Any] | None = None,
+    roles: list[str] | None = None,
+) -> store.Job:
+    """Queue an epoch × weight grid of the member's own training job ``train_job_id`` (done or still
+    running): a row per saved epoch and prompt, a column per weight, one seed. ``prompts`` default
+    to the run's sample prompts, else its trigger word; ``epochs`` to every saved one (16 evenly
+    spaced when it saved more); ``settings`` are generation settings (seed, steps, cfg_scale,
+    sampler, width, height, negative_prompt, clip_skip, guidance_scale). The job ends in an
+    ImagesEvent whose one image, the grid PNG, is the job's artifact."""
+    train = store.get_job(db, train_job_id)
+    if train is None or train.kind != "train":
+        raise JobError(f"there is no training job {train_job_id}")
+    if train.owner != member:
+        raise JobError(
+            f"training job {train_job_id} is not yours: only the member who trained a LoRA can make a grid of it"
+        )
+    given = dict(settings or {})
+    fixed = sorted(k for k in _GRID_FROM_RUN if k in given)
+    if fixed:
+        raise JobError(
+            f"{', '.join(fixed)}: a grid takes these from its training job and arguments, not settings"
+        )
+    try:
+        store.ensure_member(db, member, roles)
+        run = TrainSpec.parse(train.spec_dict)
+        saved = sorted(
+            {
+                a["epoch"]
+                for a in store.artifacts(db, train.id)
+                if a["kind"] == "lora" and a["epoch"] is not None
+            }
+        )
+        if not saved:
+            raise JobError(f"{run.output_name} (job {train.id}) has saved no epoch yet")
+        epochs = _spread(saved, GRID_EPOCHS) if epochs is None else list(dict.fromkeys(epochs))
+        missing = sorted(set(epochs) - set(saved))
+        if missing:
+            raise JobError(
+                f"{run.output_name} has no saved epoch {', '.join(map(str, missing))} "
+                f"(saved: {', '.join(map(str, saved))})"
+            )
+        if prompts is None:
+            prompts, negative = _run_prompts(run)
+            given.setdefault("negative_prompt", negative)
+        spec = {
+            **given,
+            "base": run.base,
+            "lora_dir": run.output_dir,
+            "name": run.output_name,
+            "weights": weights,
+            "prompts": prompts,
+            "epochs": epochs,
+        }
+        checked = GridSpec.parse({**spec, "output_dir": run.output_dir})  # _submit sets the real one
+        cells = len(checked.epochs or ()) * len(checked.prompts) * len(checked.weights)
+        # A cell costs what a /gen image of the same size and steps costs (the same rate, learned from both).
+        estimate = estimate_gen(db, cfg, {**spec, "count": cells}, base_family(checked.base))
+    except (SpecError, ConfigError, PathError) as e:
+        raise JobError(str(e)) from None
+    return _submit(db, cfg, member, "grid", None, spec, estimate)
 
 
 def submit_tag(

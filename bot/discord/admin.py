@@ -15,7 +15,13 @@ from ..files import member_dir
 from . import state
 from .common import defer, duration, member_id, say, sentence, size_text
 
-_KINDS = {"train": "training", "gen": "images", "tag": "tagging", "caption": "captioning"}
+_KINDS = {
+    "train": "training",
+    "gen": "images",
+    "grid": "epoch grid",
+    "tag": "tagging",
+    "caption": "captioning",
+}
 
 
 def _job_line(job: store.Job) -> str:
