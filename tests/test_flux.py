@@ -209,7 +209,7 @@ def test_split_is_exact_for_files_whose_fused_up_is_not_block_diagonal():
             {"noise_offset": 0.05, "weighted_captions": True},
             "noise_offset.*weighted_captions|weighted_captions.*noise_offset",
         ),
-        ({"bucket_reso_steps": 10}, r"bucket_reso_steps must be a multiple of 4 for Flux \(got 10\)"),
+        ({"bucket_reso_steps": 10}, r"bucket_reso_steps must be a multiple of 8 for Flux \(got 10\)"),
     ],
 )
 def test_settings_that_do_not_apply_to_flux_are_refused_with_the_reason(settings, message):

@@ -61,7 +61,7 @@ def test_tiny_is_deterministic(family):
     assert_same_weights(a, b)
     # No checkpoint file, so no file hashes (none invented).
     assert (a.sha256, a.model_hash, a.legacy_hash) == (None, None, None)
-    assert a.family == family and a.vae_scale_factor == 2 and a.native_resolution == 64
+    assert a.family == family and a.vae_scale_factor == 4 and a.native_resolution == 64
 
 
 def test_loading_leaves_the_callers_random_state_alone():
@@ -103,7 +103,7 @@ def test_tiny_unet_runs_on_the_text_encoders_output(tiny):
     image = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         latents = tiny.vae.encode(image).latent_dist.sample()
-        assert latents.shape == (2, 4, 32, 32)  # 64 / vae_scale_factor
+        assert latents.shape == (2, 4, 16, 16)  # 64 / vae_scale_factor
         outs = [te(i, output_hidden_states=True) for te, i in zip(tiny.text_encoders, ids, strict=True)]
         if tiny.family == "sd15":
             context, added = outs[0].last_hidden_state, None

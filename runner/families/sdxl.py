@@ -31,7 +31,7 @@ class SDXL(StableDiffusion):
     tiny_unet: Mapping[str, Any] = dict(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=32,
+        sample_size=16,  # latents of a 64² image (TINY_VAE downsamples 4x)
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
