@@ -13,7 +13,6 @@ import sqlite3
 import time
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import crashing_decoder
 import discord
@@ -23,9 +22,9 @@ from botutil import TRAIN, write_config
 from discord_stub import DiscordStub, Upload
 from test_bot_journey import async_test, message_with, new_bot, png, server
 
-from bot import jobs, store
+from bot import jobs, library, store
 from bot.cli import main as loracord
-from bot.discord import draft, intake, library, state
+from bot.discord import draft, intake, state
 from bot.dispatch import WorkerEvent
 from bot.files import member_path
 from bot.scheduler import Scheduler
@@ -356,8 +355,7 @@ def test_storage_counts_what_is_on_disk_and_the_final_file_once(tmp_path):
         (epoch.with_name("x.safetensors"), None),
     ):  # as the scheduler records them
         store.add_artifact(db, job, "alice", "lora", str(path), "0" * 64, 3 * MB, number)
-    bot = SimpleNamespace(db=db, cfg=cfg)
-    library.keep_epoch(bot, store.get_job(db, job), 1)  # the library entry is a third name for it
+    library.keep_epoch(db, cfg, store.get_job(db, job), 1)  # the library entry is a third name for it
     assert jobs.usage(db, cfg, "alice").storage_bytes == 3 * MB + 1000
     with pytest.raises(jobs.QuotaError, match=r"storage: your LoRAs use 3.0 MB of 1 MB"):
         jobs.submit_train(db, cfg, "alice", "ds", "tiny", "y", TRAIN)
@@ -373,10 +371,9 @@ def test_deleting_a_lora_frees_its_files_and_quota(tmp_path):
         jobs.move(db, job, "done", finished_at=time.time())
         epoch = _lora_files(cfg, "alice", job, MB)
         store.add_artifact(db, job, "alice", "lora", str(epoch), "0" * 64, MB, 1)
-    bot = SimpleNamespace(db=db, cfg=cfg)
-    lo = library.keep_epoch(bot, store.get_job(db, kept), 1)
+    lo = library.keep_epoch(db, cfg, store.get_job(db, kept), 1)
     assert jobs.usage(db, cfg, "alice").storage_bytes == 2 * (MB + 1000)
-    library.delete(bot, lo)
+    library.delete(db, cfg, lo)
     assert jobs.usage(db, cfg, "alice").storage_bytes == MB + 1000  # only the other job's files
     assert not Path(lo.path).exists() and not member_path(cfg.data_dir, "alice", "loras", str(kept)).exists()
     assert store.artifacts(db, kept) == [] and len(store.artifacts(db, other)) == 1

@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from .. import jobs, store
+from .. import jobs, library, store
 from ..config import ConfigError, Quota, quota_value
 from ..files import member_dir
 from . import state
@@ -158,7 +158,7 @@ class Cog(commands.Cog, name="Cog_admin"):
         who = member_id(member)
         for job in store.list_jobs(self.bot.db, store.ACTIVE, owner=who):
             jobs.request_cancel(self.bot.db, job.id)
-        state.delete_lora(self.bot.db, who)
+        library.delete_lora(self.bot.db, who)
         state.delete_drafts(self.bot.db, who)
         shutil.rmtree(member_dir(self.bot.cfg.data_dir, who), ignore_errors=True)
         store.delete_artifacts(self.bot.db, who)

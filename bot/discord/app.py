@@ -20,13 +20,13 @@ from sqlite_utils import Database
 from ..config import TOKEN_ENV, Config, ConfigError
 from ..scheduler import Scheduler
 from ..web import WebServer
-from . import admin, gen, library, train
+from . import admin, gen, loras, train
 from .common import DEFAULT_UPLOAD_LIMIT, ServedTree
 from .delivery import Courier
 from .progress import Coalescer
 
 log = logging.getLogger(__name__)
-COGS = (train, gen, library, admin)
+COGS = (train, gen, loras, admin)
 
 
 def point_discord_py(cfg: Config) -> None:

@@ -14,8 +14,8 @@ from PIL import Image
 from runner.gen.grid import image_grid
 from runner.spec import DoneEvent, EpochEvent, FailedEvent, ProgressEvent, SamplesEvent, StageEvent
 
-from .. import jobs, store
-from . import library, state
+from .. import jobs, library, store
+from . import state
 from .common import (
     Served,
     bar,
@@ -79,7 +79,7 @@ async def pick_or_download(ix: discord.Interaction, job_id: int, action: str, ep
         return
     if action == "use":
         try:
-            lo = library.keep_epoch(bot, job, epoch)
+            lo = library.keep_epoch(bot.db, bot.cfg, job, epoch)
         except LookupError as e:
             await say(ix, sentence(str(e)))
             return
@@ -206,9 +206,9 @@ class EpochsMixin:
         epochs = [e for e in store.job_events(self.bot.db, job.id) if e["type"] == "epoch"]
         numbers = sorted({e["epoch"] for e in epochs})
         last = numbers[-1] if numbers else None
-        kept = state.get_lora(self.bot.db, job.owner, job.name)
+        kept = library.get_lora(self.bot.db, job.owner, job.name)
         if kept is None or kept.job_id != job.id:  # the member picked nothing yet: the last one is kept
-            kept = library.keep_epoch(self.bot, job, last, event.lora_file)
+            kept = library.keep_epoch(self.bot.db, self.bot.cfg, job, last, event.lora_file)
         self.edit_progress(
             draft, f"✅ **{draft.name}** finished: {event.steps} steps in {duration(event.seconds)}."
         )

@@ -13,8 +13,8 @@ from discord.ext import commands
 from runner.formats.infotext import lora_tag, parse_parameters, split_lora_tags
 from runner.spec import FailedEvent, GenSampler, ImagesEvent, StageEvent
 
-from .. import jobs, store
-from . import library, state
+from .. import jobs, library, store
+from . import loras, state
 from .common import (
     Served,
     bot_of,
@@ -206,7 +206,7 @@ class Cog(commands.Cog, name="Cog_gen"):
             settings.update(width=int(w), height=int(h))
         await submit(ix, prompt, {lora: weight} if lora else {}, base, settings)
 
-    gen.autocomplete("lora")(library.lora_autocomplete)
+    gen.autocomplete("lora")(loras.lora_autocomplete)
 
     @gen.autocomplete("base")
     async def _bases(self, ix: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

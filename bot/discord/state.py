@@ -1,5 +1,5 @@
 """What the Discord side remembers beside the jobs: draft datasets and their threads, where each
-job's messages are, and the members' LoRA libraries.
+job's messages are (the members' LoRA libraries are ``bot.library``).
 
 Tables of their own in the bot's SQLite store (their schema is a migration in ``bot.store``), so a
 restart finds every card, progress message and library entry again; jobs themselves stay there too.
@@ -136,65 +136,3 @@ def set_post(db: Database, job_id: int, channel_id: int, message_id: int | None,
 def get_post(db: Database, job_id: int) -> dict[str, Any] | None:
     rows = list(db.query("SELECT * FROM discord_posts WHERE job_id = ?", [job_id]))
     return rows[0] if rows else None
-
-
-# ---- the LoRA library ----
-
-
-@dataclass
-class Lora:
-    owner: str
-    name: str
-    path: str
-    job_id: int | None
-    epoch: int | None
-    base: str | None
-    shared: int
-    size: int
-    created_at: float
-
-
-_LORA = [f.name for f in fields(Lora)]
-
-
-def put_lora(db: Database, lora: Lora) -> None:
-    db["discord_library"].upsert({k: getattr(lora, k) for k in _LORA}, pk=("owner", "name"))
-
-
-def loras_for(db: Database, member: str) -> list[Lora]:
-    """The member's own LoRAs, then those others shared, each list by name."""
-    sql = (
-        "SELECT * FROM discord_library WHERE owner = ? OR shared = 1 "
-        "ORDER BY owner != ?, name COLLATE NOCASE, created_at"
-    )
-    return [Lora(**{k: r[k] for k in _LORA}) for r in db.query(sql, [member, member])]
-
-
-def get_lora(db: Database, owner: str, name: str) -> Lora | None:
-    rows = list(db.query("SELECT * FROM discord_library WHERE owner = ? AND name = ?", [owner, name]))
-    return Lora(**{k: rows[0][k] for k in _LORA}) if rows else None
-
-
-def lora_rowid(db: Database, lora: Lora) -> int:
-    """A short, stable handle for a library entry in a ``custom_id`` (names can be 80 characters)."""
-    sql = "SELECT rowid FROM discord_library WHERE owner = ? AND name = ?"
-    return db.execute(sql, [lora.owner, lora.name]).fetchone()[0]
-
-
-def lora_by_rowid(db: Database, rowid: int) -> Lora | None:
-    rows = list(db.query("SELECT * FROM discord_library WHERE rowid = ?", [rowid]))
-    return Lora(**{k: rows[0][k] for k in _LORA}) if rows else None
-
-
-def set_shared(db: Database, owner: str, name: str, shared: bool) -> None:
-    db.execute(
-        "UPDATE discord_library SET shared = ? WHERE owner = ? AND name = ?", [int(shared), owner, name]
-    )
-
-
-def delete_lora(db: Database, owner: str, name: str | None = None) -> list[Lora]:
-    """Remove one entry (or all of a member's); returns what was removed so its files can go too."""
-    gone = [lo for lo in loras_for(db, owner) if lo.owner == owner and name in (None, lo.name)]
-    for lo in gone:
-        db.execute("DELETE FROM discord_library WHERE owner = ? AND name = ?", [owner, lo.name])
-    return gone

@@ -1,91 +1,24 @@
-"""The members' LoRA libraries: a picked epoch becomes ``DATA/members/<id>/library/<name>.safetensors``
-(so A1111's ``<lora:name:w>`` matches the file), ``/loras`` lists own and shared ones with download
-links, share/unshare and delete. ``/gen`` finds LoRAs only here, by name, never by path."""
+"""``/loras``: the member's library (``bot.library``) and what others shared, with download links,
+share/unshare, delete and Open in browser."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import time
-from pathlib import Path
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from .. import store
-from ..files import member_path
-from . import state
+from .. import library, store
 from .common import Served, bot_of, clip, defer, member_id, say, size_text
 
 _MAX_LISTED = 20
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)  # same disk: no second copy of a large file
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def keep_epoch(
-    bot: commands.Bot, job: store.Job, epoch: int | None, lora_file: str | None = None
-) -> state.Lora:
-    """Put epoch ``epoch`` of training job ``job`` (or ``lora_file``) in its owner's library under the job's name."""
-    if lora_file is None:
-        arts = [a for a in store.artifacts(bot.db, job.id) if a["kind"] == "lora" and a["epoch"] == epoch]
-        if not arts:
-            raise LookupError(f"epoch {epoch} of job #{job.id} was not saved")
-        lora_file = arts[-1]["path"]
-    target = member_path(bot.cfg.data_dir, job.owner, "library", f"{job.name}.safetensors")
-    _link_or_copy(Path(lora_file), target)
-    bases = {v: k for k, v in bot.cfg.bases.items()}
-    old = state.get_lora(bot.db, job.owner, job.name)
-    lora = state.Lora(
-        owner=job.owner,
-        name=job.name,
-        path=str(target),
-        job_id=job.id,
-        epoch=epoch,
-        base=bases.get(job.spec_dict.get("base", "")),
-        shared=old.shared if old else 0,
-        size=target.stat().st_size,
-        created_at=time.time(),
-    )
-    state.put_lora(bot.db, lora)
-    return lora
-
-
-def delete(bot: commands.Bot, lo: state.Lora) -> None:
-    """Remove a library entry and the files of the training behind it (every saved epoch and its
-    previews), so the member's storage quota gets all of that space back."""
-    state.delete_lora(bot.db, lo.owner, lo.name)
-    Path(lo.path).unlink(missing_ok=True)
-    if lo.job_id is not None:
-        shutil.rmtree(member_path(bot.cfg.data_dir, lo.owner, "loras", str(lo.job_id)), ignore_errors=True)
-        store.delete_artifacts(bot.db, lo.owner, lo.job_id)
-
-
-def resolve(db, member: str, name: str) -> state.Lora:
-    """A LoRA the member may use, by its library name: their own first, then one shared by others."""
-    name = name.strip()
-    choices = state.loras_for(db, member)
-    for lo in choices:
-        if lo.name == name or lo.name.casefold() == name.casefold():
-            return lo
-    mine = ", ".join(lo.name for lo in choices if lo.owner == member) or "none yet (train one with /train)"
-    raise LookupError(f"there is no LoRA named '{name}' in your library or shared with you. Yours: {mine}")
-
-
 async def lora_autocomplete(ix: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
     me = member_id(ix.user)
     out = []
-    for lo in state.loras_for(bot_of(ix).db, me):
+    for lo in library.loras_for(bot_of(ix).db, me):
         if current.casefold() in lo.name.casefold():
             label = lo.name if lo.owner == me else f"{lo.name} (shared)"
             out.append(app_commands.Choice(name=label[:100], value=lo.name[:100]))
@@ -116,7 +49,7 @@ class LoraButton(
 
     async def callback(self, ix: discord.Interaction) -> None:
         bot = bot_of(ix)
-        lo = state.lora_by_rowid(bot.db, self.row_id)
+        lo = library.lora_by_rowid(bot.db, self.row_id)
         if lo is None:
             await say(ix, "That LoRA is no longer in the library.")
             return
@@ -126,7 +59,7 @@ class LoraButton(
         if self.action == "dl":
             await say(ix, f"**{lo.name}** ({size_text(lo.size)}): {download_link(bot, lo.path)}")
         elif self.action in ("share", "unshare"):
-            state.set_shared(bot.db, lo.owner, lo.name, self.action == "share")
+            library.set_shared(bot.db, lo.owner, lo.name, self.action == "share")
             what = "shared with everyone here" if self.action == "share" else "private again"
             await say(ix, f"**{lo.name}** is {what}.")
         else:
@@ -134,12 +67,12 @@ class LoraButton(
             if job is not None and job.state in store.ACTIVE:
                 await say(ix, f"**{lo.name}** is still training (job #{job.id}); cancel it first.")
                 return
-            delete(bot, lo)
+            library.delete(bot.db, bot.cfg, lo)
             await say(ix, f"**{lo.name}** was deleted from your library, with every epoch of its training.")
 
 
 class LoraSelect(Served, discord.ui.DynamicItem[discord.ui.Select], template=r"lc:ls:(?P<owner>\d+)"):
-    def __init__(self, owner: str, loras: list[tuple[int, state.Lora]] | None = None) -> None:
+    def __init__(self, owner: str, loras: list[tuple[int, library.Lora]] | None = None) -> None:
         options = [
             discord.SelectOption(label=lo.name[:100], value=str(row), description=size_text(lo.size))
             for row, lo in (loras or [])[:25]
@@ -155,11 +88,11 @@ class LoraSelect(Served, discord.ui.DynamicItem[discord.ui.Select], template=r"l
 
     async def callback(self, ix: discord.Interaction) -> None:
         bot = bot_of(ix)
-        lo = state.lora_by_rowid(bot.db, int(ix.data["values"][0]))
+        lo = library.lora_by_rowid(bot.db, int(ix.data["values"][0]))
         if lo is None or lo.owner != member_id(ix.user):
             await say(ix, "That LoRA is not yours or no longer exists.")
             return
-        row = state.lora_rowid(bot.db, lo)
+        row = library.lora_rowid(bot.db, lo)
         view = discord.ui.View(timeout=None)
         for action in ("dl", "unshare" if lo.shared else "share", "del"):
             view.add_item(LoraButton(row, action))
@@ -178,7 +111,7 @@ class Cog(commands.Cog, name="Cog_library"):
     async def loras(self, ix: discord.Interaction) -> None:
         await defer(ix)
         me = member_id(ix.user)
-        all_ = state.loras_for(self.bot.db, me)
+        all_ = library.loras_for(self.bot.db, me)
         mine = [lo for lo in all_ if lo.owner == me]
         shared = [lo for lo in all_ if lo.owner != me]
         if not all_:
@@ -194,7 +127,7 @@ class Cog(commands.Cog, name="Cog_library"):
         embed.set_footer(text="Use one: /gen lora:NAME weight:0.8")
         view = discord.ui.View(timeout=None)
         if mine:
-            view.add_item(LoraSelect(me, [(state.lora_rowid(self.bot.db, lo), lo) for lo in mine]))
+            view.add_item(LoraSelect(me, [(library.lora_rowid(self.bot.db, lo), lo) for lo in mine]))
         await ix.followup.send(embed=embed, view=view, ephemeral=True)
 
 
