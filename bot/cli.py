@@ -10,7 +10,7 @@ import os
 import sys
 
 RUNNER_COMMANDS = ("train", "dataset", "tag", "caption", "gen", "grid", "selftest")
-OPS_COMMANDS = ("run", "jobs", "quota")
+OPS_COMMANDS = ("run", "jobs", "quota", "web-link")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +32,11 @@ def _dispatch(argv: list[str]) -> int:
 
         return ops_main(argv)
     print(
-        "usage: loracord {run,jobs,quota,train,dataset,tag,caption,gen,grid,selftest} ...\n\n"
+        "usage: loracord {run,jobs,quota,web-link,train,dataset,tag,caption,gen,grid,selftest} ...\n\n"
         "  run       the bot: queue, scheduler and GPU workers (--no-discord: without Discord)\n"
         "  jobs      submit, list, show and cancel jobs (loracord jobs --help)\n"
         "  quota     show and set members' and roles' quotas\n"
+        "  web-link  a sign-in link to the web pages (--admin: the server's page)\n"
         "  train     train a LoRA from a folder of images (loracord train --help)\n"
         "  dataset   turn images, folders and zips into a clean, numbered training folder with a report\n"
         "  tag       caption a training folder with a WD14 tagger (trigger word, tag removal, frequencies)\n"

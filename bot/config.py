@@ -229,6 +229,10 @@ class WebConfig(_Section):
         None, description="the link-signing secret; unset: generated once in the data folder"
     )
     link_hours: float = Field(24, gt=0, le=24 * 365, description="how long a download link works")
+    login_minutes: float = Field(
+        15, gt=0, le=24 * 60, description="how long an Open in browser link can start a session"
+    )
+    session_hours: float = Field(12, gt=0, le=24 * 30, description="how long a browser session lasts")
 
     @field_validator("public_url")
     @classmethod

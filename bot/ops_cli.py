@@ -1,4 +1,5 @@
-"""The operator's commands: ``loracord run``, ``loracord jobs …``, ``loracord quota …``.
+"""The operator's commands: ``loracord run``, ``loracord jobs …``, ``loracord quota …``,
+``loracord web-link``.
 
 They share the database with a running ``loracord run`` (SQLite WAL): a job submitted or
 cancelled here is picked up by its scheduler at its next poll.
@@ -217,6 +218,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web_link(args: argparse.Namespace) -> int:
+    from .web import Links, load_secret
+    from .web.sessions import Logins
+
+    cfg, _ = _open(args)
+    host = cfg.web.host if cfg.web.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = cfg.web.public_url or f"http://{f'[{host}]' if ':' in host else host}:{cfg.web.port}"
+    links = Links(cfg.data_dir, load_secret(cfg), base, cfg.web.link_hours * 3600)
+    logins = Logins(links, cfg.web.login_minutes * 60, cfg.web.session_hours * 3600)
+    page = args.page or ("/admin" if args.admin else "/")
+    print(logins.link(args.user, args.admin, page))
+    print(
+        f"(works for {cfg.web.login_minutes:g} minutes; the session it opens lasts {cfg.web.session_hours:g} h)"
+    )
+    return 0
+
+
 # ---- quota ----
 
 
@@ -315,6 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_pause, paused=False
     )
 
+    w = sub.add_parser(
+        "web-link", parents=[config], help="a sign-in link to the web pages (the owner's, with --admin)"
+    )
+    w.add_argument("--user", default="owner", help="whose pages: a member's Discord id (default: 'owner')")
+    w.add_argument("--admin", action="store_true", help="with the server's admin page")
+    w.add_argument("--page", help="the page to open, e.g. /loras/12 (default: / or /admin)")
+    w.set_defaults(func=cmd_web_link)
     q = sub.add_parser("quota", help="show or set quotas").add_subparsers(dest="quota", required=True)
     qs = q.add_parser("show", parents=[config], help="a member's quota and what is used")
     qs.add_argument("--user", required=True)

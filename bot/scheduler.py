@@ -69,6 +69,7 @@ class Scheduler:
         self._cancel_sent: dict[int, float] = {}  # running job → when its cancel went to the worker
         self._killing: dict[str, str] = {}  # worker → why the watchdog killed it
         self.restarts = 0
+        self.deaths: dict[str, tuple[int, str]] = {}  # worker → (restarts, why it died last)
         self.problems: dict[str, str] = {}  # "disk" | "store" → why jobs cannot start or be recorded now
 
     def subscribe(self, listener: Listener) -> None:
@@ -256,6 +257,8 @@ class Scheduler:
         started = time.perf_counter()
         if isinstance(msg, WorkerDied):
             self.restarts += 1
+            deaths, _ = self.deaths.get(msg.worker, (0, ""))
+            self.deaths[msg.worker] = (deaths + 1, msg.reason)
             slot = self.slots[msg.worker]
             killed = self._killing.pop(msg.worker, None)
             reason = f"its worker was restarted: {killed}" if killed else f"its worker {msg.reason}"
@@ -275,6 +278,7 @@ class Scheduler:
             event = FailedEvent(kind="error", reason=job.failure, seconds=event.seconds)
         if isinstance(event, ProgressEvent):
             store.update_job(self.db, job.id, progress=event.model_dump_json())
+            store.add_loss(self.db, job.id, event.step, event.epoch, event.loss)
         else:
             store.add_event(self.db, job.id, event.type, event.model_dump(mode="json"))
         if isinstance(event, EpochEvent):

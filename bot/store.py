@@ -167,12 +167,34 @@ def _m5_taps(db: Database) -> None:
     db["discord_taps"].create({"button": str, "member": str, "at": float}, pk=("button", "member"))
 
 
+def _m6_web(db: Database) -> None:
+    """The web pages: sessions opened by signed links (the token's hash, never the token), what
+    admins did and who, and each training step's loss for the loss chart."""
+    db["web_sessions"].create(
+        {
+            "token_hash": str,
+            "member": str,
+            "admin": int,
+            "csrf": str,
+            "created_at": float,
+            "expires_at": float,
+        },
+        pk="token_hash",
+    )
+    db["web_sessions"].create_index(["expires_at"])
+    db["admin_actions"].create(
+        {"id": int, "at": float, "who": str, "via": str, "action": str, "detail": str}, pk="id"
+    )
+    db["job_losses"].create({"job_id": int, "step": int, "epoch": int, "loss": float}, pk=("job_id", "step"))
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m1_schema,
     _m2_discord,
     _m3_outbox,
     _m4_preview_seconds,
     _m5_taps,
+    _m6_web,
 ]
 
 
@@ -540,3 +562,64 @@ def get_setting(db: Database, key: str, default: Any = None) -> Any:
 
 def set_setting(db: Database, key: str, value: Any) -> None:
     db["settings"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+
+
+# ---- the web pages ----
+
+
+def add_loss(db: Database, job_id: int, step: int, epoch: int, loss: float) -> None:
+    """One step's loss; a resumed run that repeats a step overwrites it."""
+    db.execute(
+        "INSERT INTO job_losses (job_id, step, epoch, loss) VALUES (?, ?, ?, ?) ON CONFLICT(job_id, step) "
+        "DO UPDATE SET epoch = excluded.epoch, loss = excluded.loss",
+        [job_id, step, epoch, loss],
+    )
+
+
+def losses(db: Database, job_id: int) -> list[tuple[int, int, float]]:
+    """(step, epoch, loss) of a job, by step."""
+    sql = "SELECT step, epoch, loss FROM job_losses WHERE job_id = ? ORDER BY step"
+    return [tuple(r) for r in db.execute(sql, [job_id]).fetchall()]
+
+
+def add_admin_action(db: Database, who: str, via: str, action: str, detail: str = "") -> None:
+    db.execute(
+        "INSERT INTO admin_actions (at, who, via, action, detail) VALUES (?, ?, ?, ?, ?)",
+        [time.time(), who, via, action, detail],
+    )
+
+
+def admin_actions(db: Database, limit: int = 50) -> list[dict[str, Any]]:
+    return list(db.query("SELECT * FROM admin_actions ORDER BY id DESC LIMIT ?", [limit]))
+
+
+@dataclass
+class WebSession:
+    member: str
+    admin: bool
+    csrf: str
+    expires_at: float
+
+
+def add_session(db: Database, token_hash: str, session: WebSession) -> None:
+    now = time.time()
+    db.execute("DELETE FROM web_sessions WHERE expires_at < ?", [now])  # no table that only grows
+    db.execute(
+        "INSERT INTO web_sessions (token_hash, member, admin, csrf, created_at, expires_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [token_hash, session.member, int(session.admin), session.csrf, now, session.expires_at],
+    )
+
+
+def get_session(db: Database, token_hash: str) -> WebSession | None:
+    sql = "SELECT member, admin, csrf, expires_at FROM web_sessions WHERE token_hash = ? AND expires_at > ?"
+    row = db.execute(sql, [token_hash, time.time()]).fetchone()
+    return WebSession(row[0], bool(row[1]), row[2], row[3]) if row else None
+
+
+def delete_session(db: Database, token_hash: str) -> None:
+    db.execute("DELETE FROM web_sessions WHERE token_hash = ?", [token_hash])
+
+
+def all_quota_overrides(db: Database) -> list[dict[str, Any]]:
+    return list(db.query("SELECT * FROM quota_overrides ORDER BY scope, subject, key"))

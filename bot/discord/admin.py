@@ -9,8 +9,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from .. import jobs, library, store
-from ..config import ConfigError, Quota, quota_value
+from .. import admin_ops, jobs, library, store
+from ..config import ConfigError, Quota
 from ..files import member_dir
 from . import state
 from .common import defer, duration, member_id, say, sentence, size_text
@@ -112,8 +112,7 @@ class Cog(commands.Cog, name="Cog_admin"):
         await defer(ix)
         if not await self._owner_scope(ix):
             return
-        store.set_setting(self.bot.db, "paused", True)
-        running = len(store.list_jobs(self.bot.db, ("running",)))
+        running = admin_ops.pause(self.bot.db, member_id(ix.user), "discord")
         await say(ix, f"⏸️ Paused. {running} job(s) still running; /admin resume starts the queue again.")
 
     @admin.command(name="resume", description="Start jobs again")
@@ -121,7 +120,7 @@ class Cog(commands.Cog, name="Cog_admin"):
         await defer(ix)
         if not await self._owner_scope(ix):
             return
-        store.set_setting(self.bot.db, "paused", False)
+        admin_ops.resume(self.bot.db, member_id(ix.user), "discord")
         await say(ix, "▶️ The queue runs again.")
 
     @admin.command(name="drain", description="Pause, and cancel every job still waiting")
@@ -129,11 +128,8 @@ class Cog(commands.Cog, name="Cog_admin"):
         await defer(ix)
         if not await self._owner_scope(ix):
             return
-        store.set_setting(self.bot.db, "paused", True)
-        waiting = store.list_jobs(self.bot.db, ("queued",))
-        for job in waiting:
-            jobs.request_cancel(self.bot.db, job.id)
-        await say(ix, f"Paused and cancelled {len(waiting)} waiting job(s); running ones finish.")
+        waiting = admin_ops.drain(self.bot.db, member_id(ix.user), "discord")
+        await say(ix, f"Paused and cancelled {waiting} waiting job(s); running ones finish.")
 
     @admin.command(name="cancel", description="Cancel any job")
     async def admin_cancel(self, ix: discord.Interaction, job: int) -> None:
@@ -141,7 +137,7 @@ class Cog(commands.Cog, name="Cog_admin"):
         if not await self._owner_scope(ix):
             return
         try:
-            what = jobs.request_cancel(self.bot.db, job)
+            what = admin_ops.cancel(self.bot.db, job, member_id(ix.user), "discord")
         except jobs.JobError as e:
             await say(ix, sentence(str(e)))
             return
@@ -162,6 +158,7 @@ class Cog(commands.Cog, name="Cog_admin"):
         state.delete_drafts(self.bot.db, who)
         shutil.rmtree(member_dir(self.bot.cfg.data_dir, who), ignore_errors=True)
         store.delete_artifacts(self.bot.db, who)
+        admin_ops.record(self.bot.db, member_id(ix.user), "discord", "purge", f"member {who}")
         await say(ix, f"Purged <@{who}>'s data.", allowed_mentions=discord.AllowedMentions.none())
 
     @admin.command(name="quota", description="Set a role's limit: a number, 'unlimited' or 'default'")
@@ -169,11 +166,10 @@ class Cog(commands.Cog, name="Cog_admin"):
     async def admin_quota(self, ix: discord.Interaction, role: discord.Role, key: str, value: str) -> None:
         await defer(ix)
         try:
-            number = quota_value(key, value)
+            admin_ops.set_quota(self.bot.db, member_id(ix.user), "discord", "role", str(role.id), key, value)
         except ConfigError as e:
             await say(ix, f"Not changed: {e}.", allowed_mentions=discord.AllowedMentions.none())
             return
-        store.set_quota_override(self.bot.db, "role", str(role.id), key, number)
         await say(ix, f"{role.name}: {key} = {value}.", allowed_mentions=discord.AllowedMentions.none())
 
 

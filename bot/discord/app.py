@@ -20,7 +20,7 @@ from sqlite_utils import Database
 from ..config import TOKEN_ENV, Config, ConfigError
 from ..scheduler import Scheduler
 from ..web import WebServer
-from . import admin, gen, loras, train
+from . import admin, epochs, gen, loras, train
 from .common import DEFAULT_UPLOAD_LIMIT, ServedTree
 from .delivery import Courier
 from .progress import Coalescer
@@ -60,6 +60,8 @@ class LoracordBot(commands.Bot):
             await self.add_cog(module.Cog(self))
             self.add_dynamic_items(*module.ITEMS)
         self.scheduler.subscribe(self.courier.on_job_event)
+        self.web.on_epoch_picked = lambda job, epoch, name: epochs.say_picked_on_web(self, job, epoch, name)
+        self.web.member_name = self._member_name
         self.courier.start()
         if self.cfg.discord.public:
             await self.tree.sync()
@@ -67,6 +69,11 @@ class LoracordBot(commands.Bot):
         for guild in (discord.Object(g) for g in self.cfg.discord.guilds):
             self.tree.copy_global_to(guild=guild)
             await self.tree.sync(guild=guild)
+
+    def _member_name(self, member: str) -> str:
+        """A member's name for the owner's page, from discord.py's cache (ids stay where it has none)."""
+        user = self.get_user(int(member)) if member.isdigit() else None
+        return f"{user.display_name} ({member})" if user else member
 
     async def _leave_unless_served(self, guild: discord.Guild) -> None:
         if not self.cfg.discord.serves(guild.id):

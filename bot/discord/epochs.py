@@ -16,6 +16,7 @@ from runner.spec import DoneEvent, EpochEvent, FailedEvent, ProgressEvent, Sampl
 
 from .. import jobs, library, store
 from . import state
+from .browser import BrowserButton
 from .common import (
     Served,
     bar,
@@ -173,6 +174,7 @@ class EpochsMixin:
         view = discord.ui.View(timeout=None)
         view.add_item(JobButton(job.id, "use", event.epoch))
         view.add_item(JobButton(job.id, "dl", event.epoch))
+        view.add_item(BrowserButton(job.id))
         spoiler = await self._spoiler(draft.thread_id)
         files, links, note = [], [], ""
         if event.sample_images and spoiler is not None:
@@ -230,9 +232,23 @@ class EpochsMixin:
         if numbers:
             view.add_item(EpochSelect(job.id, numbers))
             view.add_item(JobButton(job.id, "dl", kept.epoch or last))
+        view.add_item(BrowserButton(job.id))
         text = (
             f"<@{job.owner}> **{draft.name}** is ready: epoch {kept.epoch} is in your library. "
             f"Pick another below, or try it: `/gen lora:{draft.name} weight:0.8`"
         ) + "".join(f"\n{u}" for u in links)
         mention = discord.AllowedMentions(users=[discord.Object(int(job.owner))])
         await thread.send(clip(text), files=files, view=view, allowed_mentions=mention, nonce=outbox_nonce())
+
+
+async def say_picked_on_web(bot: commands.Bot, job: store.Job, epoch: int, name: str) -> None:
+    """A pick made in the browser is said in the training's thread, as a tap there would be."""
+    draft = state.draft_of_job(bot.db, job.id)
+    if draft is None:
+        return
+    thread = bot.get_partial_messageable(draft.thread_id)
+    await thread.send(
+        f"🌐 **{name}** in <@{job.owner}>'s library is now epoch {epoch} (picked in the browser). "
+        f"Try it: `/gen lora:{name} weight:0.8`",
+        nonce=outbox_nonce(),
+    )

@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from .. import library, store
+from . import browser
 from .common import Served, bot_of, clip, defer, member_id, say, size_text
 
 _MAX_LISTED = 20
@@ -115,7 +116,11 @@ class Cog(commands.Cog, name="Cog_library"):
         mine = [lo for lo in all_ if lo.owner == me]
         shared = [lo for lo in all_ if lo.owner != me]
         if not all_:
-            await say(ix, "Your library is empty. Train a LoRA with `/train`; the epoch you pick lands here.")
+            await say(
+                ix,
+                "Your library is empty. Train a LoRA with `/train`; the epoch you pick lands here.",
+                view=browser.link_view(ix),
+            )
             return
         lines = [
             f"• **{_md(lo.name)}** · {size_text(lo.size)}{' · shared' if lo.shared else ''} · "
@@ -125,7 +130,7 @@ class Cog(commands.Cog, name="Cog_library"):
         lines += [f"• {_md(lo.name)} · by <@{lo.owner}>" for lo in shared[:_MAX_LISTED]]
         embed = discord.Embed(title="LoRAs", description=clip("\n".join(lines), 4000))
         embed.set_footer(text="Use one: /gen lora:NAME weight:0.8")
-        view = discord.ui.View(timeout=None)
+        view = browser.link_view(ix)
         if mine:
             view.add_item(LoraSelect(me, [(library.lora_rowid(self.bot.db, lo), lo) for lo in mine]))
         await ix.followup.send(embed=embed, view=view, ephemeral=True)

@@ -19,6 +19,7 @@ from runner.spec import SpecError, TrainSpec
 
 from .. import jobs, store
 from . import state
+from .browser import BrowserButton
 from .captions import CaptionButton, caption_page
 from .card import DraftButton, card, refresh_card
 from .common import clip, defer, member_id, role_ids, say, sentence
@@ -30,7 +31,7 @@ from .tagging import TaggingMixin, TagSelect
 
 PRESETS = ("character", "style", "concept")
 
-ITEMS = (DraftButton, TagSelect, JobButton, EpochSelect, CaptionButton)
+ITEMS = (DraftButton, TagSelect, JobButton, EpochSelect, CaptionButton, BrowserButton)
 
 
 # One cog made of the features' mixins, not a cog per feature: every draft button's custom_id
@@ -188,7 +189,9 @@ class Cog(SettingsMixin, TaggingMixin, IntakeMixin, EpochsMixin, commands.Cog, n
                 return
         draft = state.get_draft(self.bot.db, draft.id)
         thread = self.bot.get_partial_messageable(draft.thread_id)
-        progress = await thread.send(queued_text(self.bot, job))
+        view = discord.ui.View(timeout=None)
+        view.add_item(BrowserButton(job.id))
+        progress = await thread.send(queued_text(self.bot, job), view=view)
         state.update_draft(self.bot.db, draft.id, progress_id=progress.id)
         await refresh_card(self.bot, draft)
         await say(ix, f"▶️ Queued as job #{job.id}. Progress is posted in the thread.")
