@@ -132,7 +132,12 @@ async def test_train_pick_an_epoch_and_gen_with_weight(tmp_path):
             )
             assert ready.files and "epoch 2 is in your library" in ready.content
             first = message_with(stub, tid, "epoch 1 saved")
-            assert first.files and first.custom_ids() == ["lc:j:1:use:1", "lc:j:1:dl:1"]
+            assert first.files and first.custom_ids() == ["lc:j:1:use:1", "lc:j:1:dl:1", "lc:w:1"]
+            # Open in browser: a sign-in link to that training's page, for its owner alone.
+            opened = await (await stub.click(alice, first, "lc:w:1")).original_message()
+            url = next(c["url"] for c in opened.walk_components() if c.get("style") == 5)
+            assert opened.ephemeral and f"m={alice.id}&a=0&next=%2Floras%2F1&" in url
+            assert "Only" in (await (await stub.click(bob, first, "lc:w:1")).original_message()).content
             # the progress message's last edit is coalesced, so it may come after the post above
             await stub.wait_until(lambda: message_with(stub, tid, "キャラ** finished"), what="the last edit")
 

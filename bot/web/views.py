@@ -173,7 +173,7 @@ def dataset(spec: dict[str, Any]) -> Dataset:
             counts.update({x.strip() for x in t.split(",") if x.strip()})
         else:
             counts.update({w.lower() for w in _WORD.findall(t) if w.lower() not in _STOP})
-    return Dataset(images, captions, counts.most_common(40), by)
+    return Dataset(images, captions, sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:40], by)
 
 
 def contact_sheet(images: list[Path]) -> bytes:
