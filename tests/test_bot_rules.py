@@ -63,6 +63,9 @@ async def test_refusals_are_ephemeral_and_in_plain_words(tmp_path):
             mod = stub.add_member("mod", roles=[with_perm])
             paused = await stub.command(mod, "admin pause")
             assert "Paused" in (await paused.original_message()).content
+            # recorded with who and from where, as the web page's actions are
+            (action,) = store.admin_actions(db)
+            assert (action["who"], action["via"], action["action"]) == (str(mod.id), "discord", "pause")
             queue = await stub.command(alice, "queue")
             assert "paused" in (await queue.original_message()).content
     assert stub.violations == []

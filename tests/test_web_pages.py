@@ -156,6 +156,7 @@ async def test_forms_need_the_sessions_token_and_this_sites_origin(site):
             ({"epoch": "1"}, {}),
             ({"epoch": "1", "csrf": "wrong"}, {}),
             ({"epoch": "1", "csrf": session["csrf"]}, {"Origin": "https://evil.example"}),
+            ({"epoch": "1", "csrf": session["csrf"]}, {"Origin": "null"}),  # a sandboxed or opaque page
         ):
             async with http.post(url, data=form, headers=headers, allow_redirects=False) as r:
                 assert r.status == 403
@@ -197,7 +198,7 @@ async def test_members_text_is_escaped_and_every_answer_has_the_security_headers
                     and "unsafe-inline" not in csp
                 )
                 assert (
-                    r.headers["X-Frame-Options"] == "DENY" and r.headers["Referrer-Policy"] == "no-referrer"
+                    r.headers["X-Frame-Options"] == "DENY" and r.headers["Referrer-Policy"] == "same-origin"
                 )
                 private = "no-store" if not path.startswith("/static/") else "public, max-age=3600"
                 assert r.headers["Cache-Control"] == private, path

@@ -8,6 +8,7 @@ so changing an id in the address finds nothing (404, the same as a job that does
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -222,7 +223,10 @@ def routes(server: WebServer) -> list[web.RouteDef]:
                 last = now
             if job.state not in store.ACTIVE:
                 break
-            await asyncio.sleep(LIVE_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.closing.wait(), LIVE_SECONDS)
+            if server.closing.is_set():  # the bot stops: the browser reconnects to the next one
+                break
         return response
 
     return [
@@ -245,7 +249,7 @@ def _grid_jobs(db: Any, job: store.Job) -> list[store.Job]:
     return [
         g
         for g in store.list_jobs(db, ("done",), owner=job.owner)
-        if g.kind == "grid" and g.spec_dict.get("train_job") == job.id
+        if g.kind == "grid" and g.spec_dict.get("lora_dir") == job.spec_dict.get("output_dir")
     ]
 
 

@@ -11,6 +11,7 @@ feeds ``web.metrics.observe_ack(seconds)``, sets ``web.discord_connected`` and `
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import sqlite3
@@ -55,7 +56,9 @@ def _secure(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"  # a login link must not leak on
+    # No address of ours (a sign-in link) reaches another site; "no-referrer" would also make
+    # browsers send "Origin: null" on our own forms, which the CSRF check must refuse.
+    response.headers["Referrer-Policy"] = "same-origin"
     if request.path.startswith("/static/"):
         response.headers.setdefault(hdrs.CACHE_CONTROL, "public, max-age=3600")
     else:
@@ -99,6 +102,7 @@ class WebServer:
         self.on_epoch_picked: EpochPicked | None = None  # the Discord side says it in the thread
         self.member_name: Callable[[str], str] = str  # the Discord side knows names; ids without it
         self.port: int | None = None
+        self.closing = asyncio.Event()  # ends the live pages' streams, so stopping never waits on them
         self.app = web.Application(middlewares=[_security, self._session])
         self.app[SERVER] = self
         aiohttp_jinja2.setup(
@@ -123,6 +127,7 @@ class WebServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        self.closing.clear()
         host, port = self.cfg.web.host, self.cfg.web.port
         runner = web.AppRunner(self.app, access_log_class=_AccessLog)
         await runner.setup()
@@ -141,6 +146,7 @@ class WebServer:
         log.info("web: listening on %s port %d; links start with %s", host, self.port, self.links.base_url)
 
     async def stop(self) -> None:
+        self.closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -2,15 +2,29 @@
 // from the package, no CDN).
 "use strict";
 
+const charts = [];
+
 function chartWidth(el) {
   return Math.max(el.clientWidth, 280);
 }
+
+function keep(chart, el) {
+  for (let i = charts.length - 1; i >= 0; i--) {
+    if (charts[i][1] === el) charts.splice(i, 1)[0][0].destroy();
+  }
+  charts.push([chart, el]);
+  el.dataset.points = String(chart.data[0].length);
+}
+
+// A phone turned sideways, or a window made narrower: the charts follow the page's width.
+window.addEventListener("resize", () => {
+  for (const [chart, el] of charts) chart.setSize({ width: chartWidth(el), height: 220 });
+});
 
 async function lossChart() {
   const el = document.getElementById("loss");
   if (!el) return;
   const data = await (await fetch(el.dataset.src, { credentials: "same-origin" })).json();
-  el.textContent = "";
   if (!data.step.length) {
     el.textContent = "No step recorded yet.";
     return;
@@ -22,15 +36,13 @@ async function lossChart() {
     axes: [{ label: "step" }, { label: "loss" }],
     series: [{ label: "step" }, { label: "loss", stroke: "#5865f2", width: 2 }],
   };
-  new uPlot(opts, [data.step, data.loss], el);
-  el.dataset.points = String(data.step.length);
+  keep(new uPlot(opts, [data.step, data.loss], el), el);
 }
 
 async function usageChart() {
   const el = document.getElementById("usage-chart");
   if (!el) return;
   const data = await (await fetch(el.dataset.src, { credentials: "same-origin" })).json();
-  el.textContent = "";
   if (!data.members.length) return;
   const xs = data.members.map((_, i) => i);
   const opts = {
@@ -46,8 +58,7 @@ async function usageChart() {
       { label: "GPU minutes", fill: "#5865f2", stroke: "#5865f2", paths: uPlot.paths.bars({ size: [0.6, 64] }), points: { show: false } },
     ],
   };
-  new uPlot(opts, [xs, data.seconds.map((s) => s / 60)], el);
-  el.dataset.points = String(xs.length);
+  keep(new uPlot(opts, [xs, data.seconds.map((s) => s / 60)], el), el);
 }
 
 window.loracordLoss = lossChart;
