@@ -119,13 +119,34 @@ def test_no_family_branches_outside_the_family_modules():
     assert offenders == []
 
 
+def test_the_web_pages_and_the_shared_bot_modules_never_import_discord():
+    """bot/web and the modules both front ends share work without discord.py (a web-only bot could run)."""
+    shared = [
+        *(ROOT / "bot" / "web").rglob("*.py"),
+        ROOT / "bot" / "library.py",
+        ROOT / "bot" / "admin_ops.py",
+    ]
+    offenders = []
+    for path in shared:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}"
+                for n in names
+                if n.split(".")[0] == "discord" or n.lstrip(".").startswith("discord") or "bot.discord" in n
+            ]
+    assert offenders == []
+
+
 def test_families_and_the_bot_load_without_torch(tmp_path):
     folder = tmp_path / "model"
     (folder / "unet").mkdir(parents=True)
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     (folder / "unet" / "config.json").write_text('{"cross_attention_dim": 2048, "in_channels": 4}')
     code = (
-        "import sys; import runner.families.registry as r, bot.jobs, bot.discord.app\n"
+        "import sys; import runner.families.registry as r, bot.jobs, bot.discord.app, bot.web\n"
         "[f.preset('character') for f in r.FAMILIES.values()]\n"
         f"assert [r.base_family(b).name for b in ('tiny:sdxl', {str(folder)!r})] == ['sdxl', 'sdxl']\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))"

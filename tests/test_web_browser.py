@@ -302,6 +302,29 @@ def test_a_member_compares_epochs_picks_one_and_the_thread_hears_of_it(site: Sit
     got = Path(download.value.path()).read_bytes()
     assert got == Path(kept.path).read_bytes() and download.value.suggested_filename == "キャラ.safetensors"
 
+    # Epoch × weight: the form queues a grid job on the same GPU queue; the page shows its image.
+    page.locator('#weights input[name="weights"]').fill("0, 1")
+    page.locator("#weights button", has_text="Make a grid").click()
+    page.wait_for_url(lambda url: url.endswith("done=grid"))
+    grid = site.wait(
+        lambda: next(
+            (j for j in store.list_jobs(site.db, owner=str(site.alice.id)) if j.kind == "grid"), None
+        )
+    )
+    assert (
+        grid.spec_dict["weights"] == [0.0, 1.0]
+        and grid.spec_dict["lora_dir"] == site.job.spec_dict["output_dir"]
+    )
+    site.wait(lambda: store.get_job(site.db, grid.id).state == "done", 180, "the grid")
+    page.reload()
+    image = page.locator("#weights img")
+    (art,) = store.artifacts(site.db, grid.id)
+    assert image.evaluate("img => img.naturalWidth") == Image.open(art["path"]).width
+    image.click()
+    assert page.locator(".lightbox img").get_attribute("src").endswith(f"/image/{art['id']}")
+    page.keyboard.press("Escape")
+    site.shot(page, "weights")
+
 
 def test_a_changed_or_expired_link_opens_nothing(site: Site):
     link = site.login_link(site.alice)
