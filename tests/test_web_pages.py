@@ -26,7 +26,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.numpy import save_file
 
 from bot import library, store
-from bot.dispatch import WorkerEvent
+from bot.dispatch import WorkerDied, WorkerEvent
 from bot.scheduler import Scheduler
 from bot.web import WebServer, views
 from runner.spec import ProgressEvent
@@ -261,11 +261,20 @@ async def test_the_owners_page_is_for_admins_and_records_what_they_do(site, tmp_
         assert store.get_job(db, waiting).state == "cancelled"
         async with owner.get(base + "/admin/usage.json") as r:
             assert await r.json() == {"members": [], "seconds": []}
+        more = [store.insert_job(db, "gen", "111", None, {"prompt": "x"}, "g", 20, 3.0) for _ in range(2)]
+        async with owner.post(base + "/admin/resume", data={"csrf": csrf}) as r:
+            assert r.status == 200 and store.get_setting(db, "paused") is False
+        async with owner.post(base + "/admin/drain", data={"csrf": csrf}) as r:
+            assert r.status == 200 and "every waiting job was cancelled" in await r.text()
+        assert store.get_setting(db, "paused") is True
+        assert [store.get_job(db, j).state for j in more] == ["cancelled", "cancelled"]
     actions = [(a["who"], a["via"], a["action"], a["detail"]) for a in reversed(store.admin_actions(db))]
     assert actions == [
         ("owner", "web", "pause", ""),
         ("owner", "web", "quota", "role 42: daily_gpu_seconds = unlimited"),
         ("owner", "web", "cancel", f"job #{waiting}: cancelled"),
+        ("owner", "web", "resume", ""),
+        ("owner", "web", "drain", "2 waiting job(s) cancelled"),
     ]
 
 
@@ -292,6 +301,12 @@ async def test_the_scheduler_keeps_each_steps_loss_and_a_resumed_step_replaces_i
         await sched.handle(progress(step, loss))
     assert store.losses(db, job_id) == [(1, 1, 0.5), (2, 1, 0.3)]
     assert views.loss_series(db, job_id) == {"step": [1, 2], "epoch": [1, 1], "loss": [0.5, 0.3]}
+    # The owner's page: the worker's device, its job, and why it died when it did.
+    (worker,) = views.overview(db, cfg, sched).workers
+    assert (worker.device, worker.up, worker.restarts) == ("cpu", True, 0)
+    await sched.handle(WorkerDied("0:cpu", "was killed by the kernel (out of memory)"))
+    (worker,) = views.overview(db, cfg, sched).workers
+    assert (worker.restarts, worker.last_error) == (1, "was killed by the kernel (out of memory)")
 
 
 def test_the_dataset_shows_tags_or_words_by_the_images_they_are_in(tmp_path):

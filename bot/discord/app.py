@@ -54,6 +54,9 @@ class LoracordBot(commands.Bot):
         self.upload_limit = DEFAULT_UPLOAD_LIMIT  # updated from each interaction's attachment_size_limit
         self.edits = Coalescer(self, cfg.discord.progress_seconds, cfg.discord.retry_max_seconds)
         self.courier = Courier(self)
+        # Members' names as they last used the bot: the owner's web page shows names, not ids,
+        # without the privileged members intent or a write per interaction.
+        self.names: dict[str, str] = {}
 
     async def setup_hook(self) -> None:
         for module in COGS:
@@ -73,7 +76,8 @@ class LoracordBot(commands.Bot):
     def _member_name(self, member: str) -> str:
         """A member's name for the owner's page, from discord.py's cache (ids stay where it has none)."""
         user = self.get_user(int(member)) if member.isdigit() else None
-        return f"{user.display_name} ({member})" if user else member
+        name = self.names.get(member) or (user.display_name if user else None)
+        return f"{name} ({member})" if name else member
 
     async def _leave_unless_served(self, guild: discord.Guild) -> None:
         if not self.cfg.discord.serves(guild.id):

@@ -34,7 +34,9 @@ def bot_of(ix: discord.Interaction) -> LoracordBot:
 async def served(ix: discord.Interaction) -> bool:
     """Whether the bot acts on ``ix``: only in the servers ``[discord] guilds`` lists (any server
     with ``public``, never a DM). Anything else is answered with a refusal and changes nothing."""
-    if bot_of(ix).cfg.discord.serves(ix.guild_id):
+    bot = bot_of(ix)
+    if bot.cfg.discord.serves(ix.guild_id):
+        bot.names[str(ix.user.id)] = ix.user.display_name  # for the owner's web page; memory only
         return True
     if ix.type is discord.InteractionType.autocomplete:
         await ix.response.autocomplete([])

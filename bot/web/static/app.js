@@ -126,6 +126,7 @@ const live = document.getElementById("live");
 if (live && live.dataset.active === "1" && window.EventSource) {
   const seen = document.querySelectorAll("#epochs article.epoch").length;
   let epochs = seen;
+  let lossDrawn = Date.now();
   const source = new EventSource(live.dataset.src);
   source.onmessage = async (msg) => {
     const now = JSON.parse(msg.data);
@@ -138,6 +139,10 @@ if (live && live.dataset.active === "1" && window.EventSource) {
       live.querySelector('[data-live="eta"]').textContent = `ETA ${duration(p.eta_s)}`;
     }
     if (now.cancel_requested) text.textContent += " · stopping";
+    if (window.loracordLoss && Date.now() - lossDrawn > 5000) {
+      lossDrawn = Date.now();
+      window.loracordLoss();
+    }
     const ended = now.state !== "queued" && now.state !== "running";
     if (now.epochs.length !== epochs || ended) {
       epochs = now.epochs.length;
