@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import re
 from pathlib import Path
 
@@ -43,7 +44,7 @@ NAME_LIMIT = 255  # bytes in one file name on ext4, btrfs, XFS, APFS
 
 
 @contextlib.asynccontextmanager
-async def bot_on(stub: DiscordStub, root: Path, extra: str = "", guilds: str | None = None):
+async def bot_on(stub: DiscordStub, root: Path, extra: str = "", guilds: str | None = None, data: str = ""):
     """The bot on the stub with its store and web server; the scheduler is built but not run, so
     jobs stay where the bot put them."""
     guilds = f"[{stub.guild_id}]" if guilds is None else guilds
@@ -52,6 +53,7 @@ async def bot_on(stub: DiscordStub, root: Path, extra: str = "", guilds: str | N
         "[quota]\nqueued_jobs = 5\ndaily_gpu_seconds = 100000\n[web]\nport = 0\n"
         f'[discord]\napi_base = "{stub.api_base}"\ngateway = "{stub.gateway_url}"\n'
         f"guilds = {guilds}\nprogress_seconds = 0.2\n{extra}",
+        data=data,
     )
     db = store.open_store(cfg.store)
     scheduler = Scheduler(db, cfg, make_dispatcher(cfg))
@@ -519,4 +521,30 @@ async def test_previews_in_an_nsfw_channel_after_a_restart(tmp_path):
             assert "not shown" not in post.content
             assert [f.filename for f in post.files] == ["preview-000001.png"]  # no SPOILER_: NSFW allows
             assert Image.open(io.BytesIO(post.files[0].data)).size[0] > 0
+    assert stub.violations == []
+
+
+# ---- one message's files, downloaded together ----
+
+
+@async_test
+async def test_a_message_of_files_is_taken_in_together_and_one_over_the_limit_is_refused_alone(tmp_path):
+    stub = DiscordStub()
+    async with stub, bot_on(stub, tmp_path, data="max_upload_mb = 0.1\n"):
+        alice = stub.add_member("alice")
+        draft_id, thread, card = await open_draft(stub, alice)
+        noise = io.BytesIO()
+        Image.frombytes("RGB", (256, 256), os.urandom(256 * 256 * 3)).save(noise, "PNG")  # ~190 KB
+        files = [Upload(f"{i}.png", png(COLOURS[i % 3])) for i in range(6)] + [
+            Upload("big.png", noise.getvalue())
+        ]
+        await stub.post_message(alice, thread, files=files)
+        await stub.wait_until(lambda: images_on(card) == 6, 60, what="six images on the card")
+        refused = await stub.wait_until(
+            lambda: next((m for m in stub.channel_messages(thread) if "need a look" in m.content), None), 30
+        )
+        assert "✗ big.png: 0.2 MB is too large to take in (the limit is 102 KB)" in refused.content
+        folder = next((tmp_path / "data").rglob(f"datasets/{draft_id}/*_img"))
+        assert len(list(folder.glob("*.png"))) == 6
+        assert not list((tmp_path / "data").rglob("uploads/*/*"))  # nothing left behind
     assert stub.violations == []
