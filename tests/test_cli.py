@@ -1,4 +1,9 @@
-"""`loracord train`, `loracord selftest` and the worker process, run as a member would run them."""
+"""`loracord train`, `loracord selftest` and the worker process, run as a member would run them.
+
+A training run, the torch-free start and the worker run in their own process, from the entry points a
+member and the bot use; the other commands go through the same `main` in this process, which spares
+each one a fresh interpreter importing torch and diffusers (most of a CLI test's time).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.cli import main
 from runner.cli import parse_value
 from runner.selftest import make_demo_dataset
 from runner.spec import parse_event
@@ -67,60 +73,34 @@ def test_train_json_events_and_files(tmp_path, data):
     assert len(list((out / "sample").glob("*.png"))) >= 2
 
 
-def test_train_refuses_bad_settings_with_one_line(tmp_path, data):
-    proc = loracord(
-        "train",
-        str(data),
-        "--base",
-        "tiny:sd15",
-        "--name",
-        "x",
-        "--out",
-        str(tmp_path),
-        "--set",
-        "network_dim=0",
+def test_train_refuses_bad_settings_with_one_line(tmp_path, data, capsys):
+    code = main(
+        ["train", str(data), "--base", "tiny:sd15", "--name", "x", "--out", str(tmp_path)]
+        + ["--set", "network_dim=0"]
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: network_dim must be between 1 and 1024 (got 0)"
-    proc = loracord(
-        "train",
-        str(tmp_path / "nothing"),
-        "--base",
-        "tiny:sd15",
-        "--name",
-        "x",
-        "--out",
-        str(tmp_path),
-        "--set",
-        "sample_every_n_epochs=0",
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: network_dim must be between 1 and 1024 (got 0)"
+    code = main(
+        ["train", str(tmp_path / "nothing"), "--base", "tiny:sd15", "--name", "x", "--out", str(tmp_path)]
+        + ["--set", "sample_every_n_epochs=0"]
     )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in proc.stderr
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
 
 
-def test_config_file_and_set_precedence(tmp_path, data):
+def test_config_file_and_set_precedence(tmp_path, data, capsys):
     config = tmp_path / "c.toml"
     config.write_text(
         "[network]\nnetwork_dim = 8\nnetwork_alpha = 8\n[training]\nmax_train_epochs = 1\n"
         "sample_every_n_epochs = 0\n",
         encoding="utf-8",
     )
-    proc = loracord(
-        "train",
-        str(data),
-        "--base",
-        "tiny:sd15",
-        "--name",
-        "c",
-        "--out",
-        str(tmp_path / "o"),
-        "--config",
-        str(config),
-        "--set",
-        "network_alpha=2",
-        "--json",
+    code = main(
+        ["train", str(data), "--base", "tiny:sd15", "--name", "c", "--out", str(tmp_path / "o")]
+        + ["--config", str(config), "--set", "network_alpha=2", "--json"]
     )
-    assert proc.returncode == 0, proc.stderr
+    assert code == 0, capsys.readouterr().err
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "o" / "c.safetensors"), "pt") as f:
@@ -183,7 +163,8 @@ def test_worker_refuses_bad_job_lines():
     assert "base" in events[1].reason and "field required" in events[1].reason.lower()
 
 
-def test_selftest_passes():
-    proc = loracord("selftest")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "selftest passed" in proc.stdout and "[FAIL]" not in proc.stdout
+def test_selftest_passes(capsys):
+    code = main(["selftest"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "selftest passed" in out and "[FAIL]" not in out

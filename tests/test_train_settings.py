@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from bot.cli import main as cli_main
 from runner.families.registry import family
 from runner.selftest import make_demo_dataset
 from runner.spec import (
@@ -28,8 +27,6 @@ from runner.spec import (
     parse_event,
 )
 from runner.train.loop import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -120,23 +117,21 @@ def test_preset_epochs_apply_when_the_member_set_no_run_length():
     assert TrainSpec.parse(base).run_length(6).steps == 1600
 
 
-def test_cli_set_steps_replace_the_config_files_epochs_and_json_says_so(tmp_path, data):
+def test_cli_set_steps_replace_the_config_files_epochs_and_json_says_so(tmp_path, data, capsys):
     config = tmp_path / "settings.toml"
     config.write_text(
         "[training]\nmax_train_epochs = 10\nnetwork_dim = 4\nnetwork_alpha = 2\n"
         "[sample]\nsample_every_n_epochs = 0\n",
         encoding="utf-8",
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", str(data), "--base", "tiny:sd15", "--name", "c"]
-        + ["--out", str(tmp_path / "out"), "--config", str(config), "--set", "max_train_steps=2", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+    # The CLI's main in this process (test_cli runs `loracord train` in its own).
+    code = cli_main(
+        ["train", str(data), "--base", "tiny:sd15", "--name", "c"]
+        + ["--out", str(tmp_path / "out"), "--config", str(config), "--set", "max_train_steps=2", "--json"]
     )
-    assert proc.returncode == 0, proc.stderr
-    events = [parse_event(line) for line in proc.stdout.splitlines()]
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    events = [parse_event(line) for line in out.splitlines()]
     plan = next(e for e in events if isinstance(e, StageEvent) and e.stage == "train")
     assert plan.total == 2
     assert [(p.step, p.total_steps, p.total_epochs) for p in events if isinstance(p, ProgressEvent)] == [

@@ -16,6 +16,7 @@ from discord_stub import DiscordStub, Upload
 from PIL import Image
 from test_bot_journey import async_test, message_with, new_bot, png, server
 
+from bot.cli import main
 from runner.families.registry import lora_family
 from runner.formats.kohya import read_lora
 from runner.selftest import make_demo_dataset
@@ -30,31 +31,29 @@ def data(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("zdata"), count=2, repeats=1)
 
 
-def loracord(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bot.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
-
-
-def test_cli_trains_and_generates(tmp_path, data):
+def test_cli_trains_and_generates(tmp_path, data, capsys):
+    # `loracord train` and `gen` through the CLI's main in this process (test_cli runs the command
+    # in its own): a fresh interpreter for each would spend most of the test importing torch.
     out = tmp_path / "out"
     sets = [a for k, v in SETTINGS.items() for a in ("--set", f"{k}={v}")]
-    proc = loracord(
-        "train", str(data), "--base", "tiny:zimage", "--name", "z", "--out", str(out), *sets, "--json"
+    code = main(
+        ["train", str(data), "--base", "tiny:zimage", "--name", "z", "--out", str(out), *sets, "--json"]
     )
-    assert proc.returncode == 0, proc.stderr
-    events = [parse_event(line) for line in proc.stdout.splitlines()]
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    events = [parse_event(line) for line in stdout.splitlines()]
     assert [e.type for e in events if e.type in ("epoch", "done")] == ["epoch", "done"]
     tensors, meta = read_lora(out / "z.safetensors")
     assert lora_family(tensors, {}) == "zimage" and meta["ss_base_model_version"] == "zimage"
     assert list((out / "sample").glob("*.png"))
 
-    proc = loracord(
+    code = main([
         "gen", "sks, a red circle", "--base", "tiny:zimage", "--lora", f"{out / 'z.safetensors'}:0.8",
         "--seed", "3", "--out", str(tmp_path / "images"), "--json",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    (event,) = [parse_event(line) for line in proc.stdout.splitlines()]
+    ])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    (event,) = [parse_event(line) for line in stdout.splitlines()]
     assert event.type == "images"
     text = Image.open(event.images[0]).info["parameters"]
     assert "<lora:z:0.8>" in text and "Seed: 3" in text
