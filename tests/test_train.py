@@ -212,8 +212,10 @@ def test_setting_changes_the_result(tmp_path, data, baseline, settings):
 
 def test_min_snr_gamma_reweights_timesteps_within_a_batch(tmp_path, data):
     # With one sample a step, Adam undoes any per-step loss scale; within a batch it cannot.
-    _, _, plain = run(tmp_path / "a", data, train_batch_size=4, max_train_epochs=3)
-    _, _, snr = run(tmp_path / "b", data, train_batch_size=4, max_train_epochs=3, min_snr_gamma=1.0)
+    # Saved once, at the end: the files of earlier epochs would say nothing here.
+    once = {"train_batch_size": 4, "max_train_epochs": 3, "save_every_n_epochs": 3}
+    _, _, plain = run(tmp_path / "a", data, **once)
+    _, _, snr = run(tmp_path / "b", data, **once, min_snr_gamma=1.0)
     assert not same(plain, snr)
 
 
@@ -502,7 +504,9 @@ def test_vae_and_frozen_text_encoder_run_once_per_image_and_caption(tmp_path, da
 
     hooks.append(lambda base: base.vae.encoder.register_forward_hook(count("vae")))
     hooks.append(lambda base: base.text_encoders[0].register_forward_hook(count("te")))
-    result, _, _ = run(tmp_path, data, max_train_epochs=3, network_train_unet_only=True)
+    # Saved once, at the end: saving runs neither model, and the calls are counted per step.
+    once = {"max_train_epochs": 3, "save_every_n_epochs": 3, "network_train_unet_only": True}
+    result, _, _ = run(tmp_path, data, **once)
     assert isinstance(result, DoneEvent)
     assert calls == {"vae": 4, "te": 4}  # 4 images, 4 distinct captions, 12 steps
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -510,7 +514,7 @@ def test_vae_and_frozen_text_encoder_run_once_per_image_and_caption(tmp_path, da
     assert {type(p) for p in loaded[0].unet.attn_processors.values()} == {AttnProcessor2_0}  # SDPA
 
     calls.update(vae=0, te=0)
-    run(tmp_path / "shuffled", data, max_train_epochs=3, network_train_unet_only=True, shuffle_caption=True)
+    run(tmp_path / "shuffled", data, **once, shuffle_caption=True)
     assert calls == {"vae": 4, "te": 12}  # captions change every step: encoded per step, images still once
 
 
