@@ -259,6 +259,16 @@ def _prompt_file_entries(file: Path, text: str) -> list[str | dict[str, Any]]:
     return data
 
 
+# Settings that change how fast a run goes, never what it trains: a run may resume with them changed.
+SPEED_SETTINGS = (
+    "loss_one_step_late",
+    "channels_last",
+    "torch_compile",
+    "torch_compile_backend",
+    "torch_compile_dynamic",
+)
+
+
 class TrainSpec(_Spec):
     # What and where.
     output_name: str = Field(
@@ -383,6 +393,30 @@ class TrainSpec(_Spec):
         True,
         description="encode each caption once, not every step; settings that change captions between "
         "steps or train a text encoder undo it (see runner.families.registry.text_encoding)",
+    )
+    # Speed only: none changes what is trained (tests/test_speed_settings.py), so none is part of the
+    # resume check. Off by default until the GPU benchmark (docs/benchmarks.md) says they pay.
+    loss_one_step_late: bool = Field(
+        False,
+        description="read each step's loss after the next step is queued, so the host never waits for the "
+        "GPU mid-run; progress and NaN/inf failures still name the step the loss belongs to",
+    )
+    channels_last: bool = Field(
+        False, description="the UNet's weights and activations in NHWC (UNet bases; faster convolutions)"
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the UNet/transformer; every batch shape is compiled before the first "
+        "step (reported as the 'compile' stage), so training itself never recompiles",
+    )
+    torch_compile_backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile's backend: inductor (the fast one); aot_eager and eager only trace "
+        "(checks and CPU tests)",
+    )
+    torch_compile_dynamic: bool = Field(
+        False,
+        description="one graph with dynamic batch and sizes for every bucket; false: one graph per batch shape",
     )
 
     # Flux only (kohya's flux_train_network.py names; refused for SD bases, see runner/families/flux.py).
@@ -817,6 +851,7 @@ class StageEvent(_Spec):
     message: str
     current: int | None = None
     total: int | None = None
+    seconds: float | None = Field(None, description="how long the stage took (compile), once it is over")
 
 
 class ProgressEvent(_Spec):

@@ -73,6 +73,7 @@ NOT_FOR_FLUX = {
     "mid_lr_weight": "block weights name a UNet's IN/MID/OUT blocks; Flux has double and single blocks",
     "up_lr_weight": "block weights name a UNet's IN/MID/OUT blocks; Flux has double and single blocks",
     "sample_sampler": "Flux previews use its own flow-matching Euler sampler",
+    "channels_last": "Flux's transformer works on token sequences; channels_last is for a UNet's convolutions",
 }
 
 # Flux.1: Civitai's Flux defaults (dim/alpha 16/16, lr 1e-4, cosine) and kohya's README

@@ -164,6 +164,7 @@ NOT_FOR_ZIMAGE = {
     "t5xxl_max_token_length": "Z-Image has no T5; its Qwen3 reads up to 512 tokens",
     "network_train_text_encoder_only": _FROZEN_QWEN,
     "text_encoder_lr": _FROZEN_QWEN,
+    "channels_last": "Z-Image's transformer works on token sequences; channels_last is for a UNet's convolutions",
 }
 
 # The transformer only, at the Flux preset's dim/alpha 16/16 and lr 1e-4 (not checked against a

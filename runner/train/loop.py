@@ -17,6 +17,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from ..gen.sample_prompts import default_sample_prompts
 from ..gen.sampler import Sampler, parse_sample_prompt, save_png
 from ..outcome import Cancelled, JobFailed, run_to_event
 from ..spec import (
+    SPEED_SETTINGS,
     DoneEvent,
     EpochEvent,
     FailedEvent,
@@ -59,6 +61,31 @@ from .optimizers import make_optimizer
 
 Emit = Callable[[Any], None]
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
+class StepLoss:
+    """One optimizer step's loss on its way to the host.
+
+    On a GPU the copy is queued behind the step and marked with an event: `value` waits for that
+    copy alone, not for work queued after it, so the next step can be queued before this one's
+    loss is read (``loss_one_step_late``). On a CPU the tensor is already computed.
+    """
+
+    def __init__(self, loss: torch.Tensor, step: int, epoch: int, lr: float):
+        self.step, self.epoch, self.lr = step, epoch, lr
+        loss = loss.detach().float()
+        self._event: torch.cuda.Event | None = None
+        self._host = loss
+        if loss.is_cuda:
+            self._host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self._host.copy_(loss, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(loss.device))
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.item()
 
 
 def concrete_spec(spec: TrainSpec, base: Base) -> TrainSpec:
@@ -137,6 +164,9 @@ class Trainer:
             raise SpecError(f"sample_prompts: {e}") from None
         torch.manual_seed(spec.seed)
         add_lora(self.base, spec)  # fp32 LoRA weights on the frozen base, whatever its dtype
+        if spec.channels_last:
+            # In place, LoRA weights included (the optimizer's states follow their parameters).
+            self.base.unet.to(memory_format=torch.channels_last)
         if spec.gradient_checkpointing:
             if spec.train_unet:
                 self.base.unet.enable_gradient_checkpointing()
@@ -145,6 +175,10 @@ class Trainer:
                     # Non-reentrant: transformers before 5 defaults to reentrant checkpointing, which
                     # passes no gradient to LoRA layers whose inputs (frozen embeddings) need none.
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.torch_compile:
+            # In place: the module keeps its names (LoRA state, saving); the graphs are built by
+            # _compile, before the first step.
+            self.base.unet.compile(backend=spec.torch_compile_backend, dynamic=spec.torch_compile_dynamic)
         self.groups = param_groups(self.base, spec)
         if not self.groups:
             raise SpecError("nothing to train: unet_lr and text_encoder_lr (or block weights) are all 0")
@@ -318,6 +352,7 @@ class Trainer:
                 "sample_every_n_epochs",
                 "sample_every_n_steps",
                 "sample_at_first",
+                *SPEED_SETTINGS,
             }
         )
 
@@ -380,7 +415,10 @@ class Trainer:
         paths = []
         # Previews draw from the global RNG nowhere that training reads it back: a run with
         # previews trains the same weights as one without, as kohya keeps it.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        # A compiled UNet runs previews uncompiled: their eval mode, no-grad and CFG batch would
+        # each be graphs of their own, compiled for a handful of images.
+        eager = torch.compiler.set_stance("force_eager") if spec.torch_compile else nullcontext()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), eager:
             for i, sp in enumerate(self.sample_prompts):
                 self._check_cancel()
                 self.emit(
@@ -411,6 +449,82 @@ class Trainer:
         if self.cancel.is_set():
             raise Cancelled
 
+    def _compile(self) -> None:
+        """Build the compiled UNet's graphs for every batch shape of the run, before the first step.
+
+        Buckets and the last, shorter batch of each give a run a few batch shapes, the same every
+        epoch. Each is compiled here, forward and backward, on a real batch whose gradients are then
+        dropped: steady-state steps only reuse graphs, and the compile time is reported on its own
+        (the 'compile' stage's seconds) instead of hiding in the first steps' rate.
+        """
+        spec = self.spec
+        shapes: dict[tuple[int, tuple[int, int]], list[tuple[ImageItem, bool]]] = {}
+        for pairs in epoch_batches(self.dataset, spec.train_batch_size, 1, spec.seed, spec.flip_aug):
+            shapes.setdefault((len(pairs), pairs[0][0].bucket), pairs)
+        # One graph per shape must fit under dynamo's limit, or the later shapes would run eager.
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, len(shapes) + 1)
+        self.emit(
+            StageEvent(
+                stage="compile",
+                message=f"compiling for {len(shapes)} batch shapes ({spec.torch_compile_backend})",
+            )
+        )
+        started = time.monotonic()
+        gen_state = self.gen.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for pairs in shapes.values():
+                self._check_cancel()
+                batch = self._batch(pairs, 1, random.Random(0))
+                # A generator of its own: the run's draws stay those of an uncompiled run.
+                loss = self.objective.loss(batch, torch.Generator(self.device).manual_seed(0))
+                loss.backward()
+        self.gen.set_state(gen_state)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = round(time.monotonic() - started, 2)
+        self.emit(
+            StageEvent(
+                stage="compile",
+                message=f"compiled for {len(shapes)} batch shapes in {seconds} s",
+                current=len(shapes),
+                total=len(shapes),
+                seconds=seconds,
+            )
+        )
+
+    def _report(self, loss: StepLoss) -> None:
+        """The ProgressEvent of one optimizer step, or the job's failure if its loss is not finite."""
+        value = loss.value()
+        if not math.isfinite(value):
+            raise JobFailed(
+                f"the loss became NaN/inf at step {loss.step}: lower the learning rate, "
+                "or use mixed_precision=bf16 instead of fp16"
+            )
+        self.loss_avg = value if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * value
+        done = loss.step - self.step0
+        rate = done / max(time.monotonic() - self.t0, 1e-6)
+        spec = self.spec
+        self.emit(
+            ProgressEvent(
+                step=loss.step,
+                total_steps=self.total_steps,
+                epoch=loss.epoch,
+                total_epochs=self.num_epochs,
+                loss=self.loss_avg,
+                lr=loss.lr,
+                eta_s=(self.total_steps - loss.step) / rate if rate else 0.0,
+                samples_per_s=rate * spec.train_batch_size * spec.gradient_accumulation_steps,
+            )
+        )
+
+    def _report_pending(self) -> None:
+        """Report the step whose loss was left to read (``loss_one_step_late``), if any."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._report(pending)
+
     # ---- the loop ----
 
     def run(self) -> DoneEvent:
@@ -424,8 +538,11 @@ class Trainer:
         params = [p for g in self.groups for p in g["params"]]
         pattern = re.compile(re.escape(spec.output_name) + r"-\d{6}\.safetensors")
         epoch_files = sorted(str(p) for p in self.out.iterdir() if pattern.fullmatch(p.name))
-        loss_avg = None
-        t0, step0 = time.monotonic(), step
+        if spec.torch_compile:
+            self._compile()
+        self.loss_avg: float | None = None
+        self.pending: StepLoss | None = None
+        self.t0, self.step0 = time.monotonic(), step
         self.emit(
             StageEvent(
                 stage="train",
@@ -465,31 +582,23 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 # The step's loss: the mean of its micro-batches (the last step of an epoch may have fewer).
-                value = torch.stack(micro_losses).mean().item()
-                micro_losses.clear()
-                if not math.isfinite(value):
-                    raise JobFailed(
-                        f"the loss became NaN/inf at step {step}: lower the learning rate, "
-                        "or use mixed_precision=bf16 instead of fp16"
-                    )
-                loss_avg = value if loss_avg is None else 0.9 * loss_avg + 0.1 * value
-                rate = (step - step0) / max(time.monotonic() - t0, 1e-6)
-                self.emit(
-                    ProgressEvent(
-                        step=step,
-                        total_steps=self.total_steps,
-                        epoch=epoch,
-                        total_epochs=self.num_epochs,
-                        loss=loss_avg,
-                        lr=self.lr_scheduler.get_last_lr()[0],
-                        eta_s=(self.total_steps - step) / rate if rate else 0.0,
-                        samples_per_s=rate * spec.train_batch_size * spec.gradient_accumulation_steps,
-                    )
+                loss = StepLoss(
+                    torch.stack(micro_losses).mean(), step, epoch, self.lr_scheduler.get_last_lr()[0]
                 )
+                micro_losses.clear()
+                # Late: the step before this one is reported now that this one is queued; reading a
+                # loss is the step's one wait for the GPU.
+                self._report_pending()
+                self.pending = loss
+                if not spec.loss_one_step_late:
+                    self._report_pending()
                 if spec.sample_every_n_steps and step % spec.sample_every_n_steps == 0:
+                    self._report_pending()
                     self._preview(epoch, step, end_of_epoch=False)
                 if step >= self.total_steps:
                     break
+            # Every step is reported before an epoch's files and previews, and the last before the end.
+            self._report_pending()
             last = epoch == self.num_epochs or step >= self.total_steps
             sample = bool(sample_every) and (epoch % sample_every == 0 or last)
             if epoch % spec.save_every_n_epochs == 0 or last:
