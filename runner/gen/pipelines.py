@@ -4,6 +4,12 @@ A :class:`PipelineCache` lives on one worker. It keeps loaded bases (least recen
 out) and, inside each, the LoRAs already loaded as adapters, within a memory budget. A new LoRA
 or a new weight never reloads the base: LoRAs go in with diffusers' ``load_lora_weights`` (which
 converts kohya keys) and are weighted with ``set_adapters``.
+
+With ``compile_unet`` the UNet (or transformer) is compiled once and never recompiled for a new
+LoRA: it holds one adapter slot, prepared for ranks up to ``hotswap_rank`` with diffusers'
+``enable_lora_hotswap``, and the LoRAs of each request are written into that slot in place
+(``load_lora_weights(..., hotswap=True)``), joined into one LoRA with their weights inside. Text
+encoders are not compiled (and diffusers cannot hotswap them): their parts stay ordinary adapters.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from diffusers.loaders.lora_base import (
+    disable_lora_for_text_encoder,
+    enable_lora_for_text_encoder,
+    set_adapters_for_text_encoder,
+)
 
 from ..families.protocol import Base
 from ..families.registry import family, load_base, lora_family
@@ -33,6 +44,7 @@ class LoadedLora:
     stamp: tuple[int, int]  # (mtime_ns, size): a file rewritten under the same name is loaded again
     short_hash: str
     nbytes: int
+    unet: dict[str, torch.Tensor] | None = None  # compile_unet: the file's UNet tensors, for the slot
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -54,6 +66,36 @@ def _quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(level)
         if bars:
             transformers.logging.enable_progress_bar()
+
+
+HOT = "hot"  # compile_unet: the UNet's one adapter slot
+
+
+def join_loras(parts: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """Several kohya LoRAs at their weights as one: each module's ranks side by side.
+
+    ``down`` rows and ``up`` columns are concatenated, each ``up`` scaled by its LoRA's weight ×
+    alpha / rank, and alpha set to the joined rank (scale 1): the joined delta is the sum of the
+    weighted deltas, the sum ``set_adapters`` would make.
+    """
+    modules = sorted({k.split(".", 1)[0] for t, _ in parts for k in t if k.endswith(".lora_down.weight")})
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        downs, ups = [], []
+        for t, w in parts:
+            down = t.get(f"{m}.lora_down.weight")
+            if down is None:
+                continue
+            rank = down.shape[0]
+            alpha = float(t[f"{m}.alpha"]) if f"{m}.alpha" in t else float(rank)
+            downs.append(down.float())
+            ups.append(t[f"{m}.lora_up.weight"].float() * (w * alpha / rank))
+        if len({d.shape[1:] for d in downs}) > 1:
+            raise SpecError(f"these LoRAs shape {m} differently (LoCon kernels), so they cannot be joined")
+        out[f"{m}.lora_down.weight"] = torch.cat(downs)
+        out[f"{m}.lora_up.weight"] = torch.cat(ups, dim=1)
+        out[f"{m}.alpha"] = torch.tensor(float(out[f"{m}.lora_down.weight"].shape[0]))
+    return out
 
 
 # ---- the cache ----
@@ -83,6 +125,10 @@ class WarmPipeline:
     nbytes: int
     loras: OrderedDict[Path, LoadedLora] = field(default_factory=OrderedDict)  # least recently used first
     next_id: int = 0
+    # compile_unet: what the UNet's slot holds ((path, file stamp, weight) each), and those LoRAs.
+    hot_key: tuple | None = None
+    hot: list[tuple[dict[str, torch.Tensor], float]] = field(default_factory=list)
+    compiled: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -100,12 +146,20 @@ class PipelineCache:
         max_bytes: int | None = None,
         max_loras: int = 16,
         loader: Callable[[str], Base] = load_base,
+        compile_unet: bool = False,
+        compile_backend: str = "inductor",
+        hotswap_rank: int = 128,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
         self.max_bytes = default_budget(self.device) if max_bytes is None else max_bytes
         self.max_loras = max_loras
         self.loader = loader
+        self.compile_unet, self.compile_backend, self.hotswap_rank = (
+            compile_unet,
+            compile_backend,
+            hotswap_rank,
+        )
         self.pipelines: OrderedDict[str, WarmPipeline] = OrderedDict()
 
     def used_bytes(self) -> int:
@@ -125,6 +179,10 @@ class PipelineCache:
         self._make_room(nbytes, keep=None)
         base.to(self.device, weight_dtype)
         warm = WarmPipeline(base, Sampler(base, device=self.device, dtype=self.dtype), nbytes)
+        if self.compile_unet:
+            # Before the first LoRA: the slot is then made for every rank up to hotswap_rank, its
+            # scale a tensor, so no later LoRA changes a shape or a constant the graph holds.
+            base.unet.enable_lora_hotswap(target_rank=self.hotswap_rank)
         self.pipelines[base_name] = warm
         return warm
 
@@ -133,6 +191,10 @@ class PipelineCache:
         keep = {p.resolve() for p, _ in loras}
         loaded = [self._lora(warm, path, keep) for path, _ in loras]
         pipe = warm.sampler.pipe
+        if self.compile_unet:
+            self._text_encoder_adapters(warm, loaded, [w for _, w in loras])
+            self._fill_slot(warm, loaded, [w for _, w in loras])
+            return loaded
         if loaded:
             pipe.enable_lora()
             pipe.set_adapters([lora.adapter for lora in loaded], [w for _, w in loras])
@@ -163,17 +225,80 @@ class PipelineCache:
         self._make_room(nbytes, keep=warm, keep_loras=keep)
         adapter = f"lora{warm.next_id}"
         warm.next_id += 1
+        unet = None
+        if self.compile_unet:
+            # The UNet's part goes to the slot when the LoRA is used; the rest is an adapter here.
+            unet = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_")}
         try:
-            tensors = family(base.family).loadable_lora(tensors, base)
-            with _quiet_transformers():
-                warm.sampler.pipe.load_lora_weights(tensors, adapter_name=adapter)
+            if tensors:
+                tensors = family(base.family).loadable_lora(tensors, base)
+                with _quiet_transformers():
+                    warm.sampler.pipe.load_lora_weights(tensors, adapter_name=adapter)
         except Exception as e:  # diffusers/peft raise many types for keys or shapes that do not fit
             self._drop_adapter(warm, adapter)
             why = "it was made for another model" if trained_on is None else str(e).splitlines()[0]
             raise LoraFileError(f"{path.name} does not fit {base.name} ({why})") from e
-        lora = LoadedLora(adapter, key, stamp, lora_short_hash(key, metadata), nbytes)
+        lora = LoadedLora(adapter, key, stamp, lora_short_hash(key, metadata), nbytes, unet)
         warm.loras[key] = lora
         return lora
+
+    def _text_encoder_adapters(
+        self, warm: WarmPipeline, loaded: list[LoadedLora], weights: list[float]
+    ) -> None:
+        """compile_unet: the requested LoRAs' text-encoder adapters on, weighted; all others off."""
+        listed = warm.sampler.pipe.get_list_adapters()
+        for part in warm.sampler.pipe._lora_loadable_modules:
+            module = getattr(warm.sampler.pipe, part, None)
+            if part == "unet" or part == "transformer" or module is None or part not in listed:
+                continue
+            chosen = [
+                (lo.adapter, w) for lo, w in zip(loaded, weights, strict=True) if lo.adapter in listed[part]
+            ]
+            if chosen:
+                enable_lora_for_text_encoder(module)
+                set_adapters_for_text_encoder([a for a, _ in chosen], module, [w for _, w in chosen])
+            else:
+                disable_lora_for_text_encoder(module)
+
+    def _fill_slot(self, warm: WarmPipeline, loaded: list[LoadedLora], weights: list[float]) -> None:
+        """compile_unet: write the requested LoRAs, joined and weighted, into the UNet's one slot.
+
+        No LoRA is the slot's last LoRAs at weight 0 (an exact no-op); before any LoRA was ever
+        used the UNet has no slot and runs uncompiled.
+        """
+        parts = [(lo.unet, w) for lo, w in zip(loaded, weights, strict=True) if lo.unet]
+        key = tuple((lo.path, lo.stamp, w) for lo, w in zip(loaded, weights, strict=True) if lo.unet)
+        if not parts:
+            if not warm.hot:
+                return
+            parts, key = [(t, 0.0) for t, _ in warm.hot], ("off",)
+        if key == warm.hot_key:
+            return
+        base = warm.base
+        joined = join_loras(parts)
+        rank = max((v.shape[0] for k, v in joined.items() if k.endswith("lora_down.weight")), default=0)
+        if rank > self.hotswap_rank:
+            raise SpecError(
+                f"these LoRAs together have rank {rank}; this worker's compiled UNet takes at most "
+                f"{self.hotswap_rank} (use fewer at once)"
+            )
+        tensors = family(base.family).loadable_lora(joined, base)
+        pipe = warm.sampler.pipe
+        try:
+            with _quiet_transformers():
+                pipe.load_lora_weights(tensors, adapter_name=HOT, hotswap=warm.hot_key is not None)
+        except Exception:
+            if warm.hot_key is None:
+                raise
+            # A LoRA on layers the slot was not made for: a new slot, and one recompile.
+            self._drop_adapter(warm, HOT)
+            with _quiet_transformers():
+                pipe.load_lora_weights(tensors, adapter_name=HOT)
+        if not warm.compiled:
+            base.unet.compile(backend=self.compile_backend)
+            warm.compiled = True
+        warm.hot_key, warm.hot = key, parts if key != ("off",) else warm.hot
 
     def _drop_adapter(self, warm: WarmPipeline, adapter: str) -> None:
         pipe = warm.sampler.pipe
