@@ -81,10 +81,10 @@ class Worker:
         )
 
     def _warm_pipelines(self) -> Any:
-        from .gen.pipelines import PipelineCache
+        from .gen.pipelines import PipelineCache, worker_settings
 
         if self.pipelines is None:
-            self.pipelines = PipelineCache(self.device)
+            self.pipelines = PipelineCache(self.device, **worker_settings())
         return self.pipelines
 
     def generate(self, spec: GenSpec, emit: Callable[[Any], None], cancel: threading.Event) -> Any:

@@ -11,7 +11,14 @@ from test_gen import make_lora
 from torch._dynamo.utils import counters
 
 from runner.gen.generate import gen_images
-from runner.gen.pipelines import HOT, PipelineCache, join_loras
+from runner.gen.pipelines import (
+    COMPILE_ENV,
+    HOT,
+    HOTSWAP_RANK_ENV,
+    PipelineCache,
+    join_loras,
+    worker_settings,
+)
 from runner.spec import GenSpec, SpecError
 
 
@@ -86,3 +93,15 @@ def test_joined_loras_are_the_sum_of_their_weighted_deltas():
 
     assert joined["m.lora_down.weight"].shape == (5, 6) and float(joined["m.alpha"]) == 5
     assert torch.allclose(delta(joined), 0.8 * delta(a) - 1.5 * delta(b), atol=1e-5)
+
+
+def test_the_worker_takes_its_gen_compile_setting_from_the_environment():
+    assert worker_settings({}) == {} and worker_settings({COMPILE_ENV: "0"}) == {}
+    assert worker_settings({COMPILE_ENV: "1"}) == {
+        "compile_unet": True,
+        "compile_backend": "inductor",
+        "hotswap_rank": 128,
+    }
+    assert worker_settings({COMPILE_ENV: "aot_eager", HOTSWAP_RANK_ENV: "64"})["hotswap_rank"] == 64
+    with pytest.raises(SpecError, match=HOTSWAP_RANK_ENV):
+        worker_settings({COMPILE_ENV: "1", HOTSWAP_RANK_ENV: "lots"})

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -69,6 +70,23 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 HOT = "hot"  # compile_unet: the UNet's one adapter slot
+COMPILE_ENV = "LORACORD_GEN_COMPILE"  # a torch.compile backend (inductor): the worker's /gen compiles
+HOTSWAP_RANK_ENV = "LORACORD_GEN_HOTSWAP_RANK"  # the slot's rank: the most any request's LoRAs add up to
+
+
+def worker_settings(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The worker's PipelineCache speed settings, from the server's environment (off by default
+    until the GPU benchmark says they pay; docs/benchmarks.md)."""
+    backend = env.get(COMPILE_ENV, "").strip()
+    if not backend or backend.lower() in ("0", "false", "no", "off"):
+        return {}
+    if backend.lower() in ("1", "true", "yes", "on"):
+        backend = "inductor"
+    try:
+        rank = int(env.get(HOTSWAP_RANK_ENV, "128"))
+    except ValueError:
+        raise SpecError(f"{HOTSWAP_RANK_ENV} must be a whole number (a LoRA rank)") from None
+    return {"compile_unet": True, "compile_backend": backend, "hotswap_rank": rank}
 
 
 def join_loras(parts: Sequence[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
