@@ -8,6 +8,10 @@ Three LoRAs are trained first (one step an epoch, three epochs) on the prepared 
 - ``swap``: LoRAs already loaded, a different one each call (median);
 - ``no_lora``: adapters off.
 
+``--compile BACKEND`` runs the worker's compiled mode (``LORACORD_GEN_COMPILE``): the UNet compiled
+at the first LoRA (so ``cold`` includes the compile) and every later LoRA hot-swapped into its slot;
+``recompiles`` counts graphs built after the cold image (0 is the goal).
+
 Each image: the base's native size unless ``--size``, ``--steps`` steps, DPM++ 2M Karras, CFG 7,
 saved as PNG with its parameters, as a member's ``/gen`` is.
 
@@ -56,6 +60,12 @@ def make_loras(base: str, out: Path, device: str | None) -> list[Path]:
     return [Path(p) for p in result.epoch_files]
 
 
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     prepared = load_prepared(args.work)
     base = base_of(prepared)
@@ -82,25 +92,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return time.monotonic() - started
 
         reset_peak()
-        cache = PipelineCache(args.device)
+        speed = {"compile_unet": True, "compile_backend": args.compile} if args.compile else {}
+        cache = PipelineCache(args.device, **speed)
         cold = timed(spec(loras[0]))
+        graphs = _graphs()
         warm = [timed(spec(loras[0], seed=i)) for i in range(args.repeats)]
         new_lora = [timed(spec(lora)) for lora in loras[1:]]
         swap = [timed(spec(loras[i % len(loras)], seed=i)) for i in range(args.repeats)]
         no_lora = [timed(spec(None, seed=i)) for i in range(args.repeats)]
+        recompiles = _graphs() - graphs
     log(f"gen: cold {cold:.2f}s, warm {warm}, new {new_lora}, swap {swap}, none {no_lora}")
     return emit(
         "loracord",
         "gen",
         base=prepared.base,
         family=prepared.family,
-        settings={"size": size, "steps": args.steps, "sampler": "DPM++ 2M Karras", "cfg": 7, "count": 1},
+        settings={
+            "size": size,
+            "steps": args.steps,
+            "sampler": "DPM++ 2M Karras",
+            "cfg": 7,
+            "count": 1,
+            "compile": args.compile,
+        },
         cold_s=round(cold, 3),
         warm_s=round(statistics.median(warm), 3),
         new_lora_s=round(statistics.median(new_lora), 3),
         swap_s=round(statistics.median(swap), 3),
         no_lora_s=round(statistics.median(no_lora), 3),
         warm_all_s=[round(t, 3) for t in warm],
+        recompiles=recompiles if args.compile else None,
         peak_vram_mib=peak_vram_mib(),
     )
 
@@ -112,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", default=None, help="a torch.compile backend (inductor): the compiled mode")
     run(p.parse_args(argv))
     return 0
 

@@ -119,7 +119,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
         steps.append(
             Step(
                 f"loracord {fam}",
-                ["-m", "bench.train_loracord", "--work", w, *common],
+                ["-m", "bench.train_loracord", "--work", w, *common, *flops_args(fam)],
                 f["train_timeout"],
                 needs=[prep],
             )
@@ -199,6 +199,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
                 needs=[f"prepare {fam}"],
             )
         )
+    for fam in args.families:
+        steps += speed_steps(fam, p, work / f"{args.profile}-{fam}")
     steps.append(Step("intake", ["-m", "bench.intake", *p["intake"]], 300, metric="intake"))
     steps.append(Step("caption florence2", ["-m", "bench.caption", *p["caption"]], 420, metric="caption"))
     for members in p["scheduler_members"]:
@@ -220,6 +222,52 @@ def plan(args: argparse.Namespace) -> list[Step]:
             if s.tool != "loracord":
                 s.skip = "references left out (--no-refs)"
     return [s for s in steps if not args.only or any(o in s.name for o in args.only)]
+
+
+# Each speed setting on its own, then all together, against the `loracord FAM` step (all off): the
+# gains table of docs/benchmarks.md. Only the gpu profile runs them (inductor on a CPU takes minutes
+# a graph); `--only prepare speed` takes them in a device call of their own.
+SPEED_RUNS = {
+    "loss_one_step_late": "loss_one_step_late",
+    "channels_last": "channels_last",
+    "torch_compile": "torch_compile",
+    "all": "loss_one_step_late,channels_last,torch_compile",
+}
+
+
+def flops_args(fam: str) -> list[str]:
+    """bench/flops.py's count for this family and size, when one was taken (the MFU needs it)."""
+    path = ROOT / "bench/results" / f"flops-{fam}.json"
+    return ["--flops", str(path)] if path.exists() else []
+
+
+def speed_steps(fam: str, p: dict[str, Any], work: Path) -> list[Step]:
+    if not p.get("speed"):
+        return []
+    f = p["families"][fam]
+    w = str(work)
+    common = ["--batch", str(f["batch"]), "--steps", str(f["steps"]), "--warmup", str(f["warmup"])]
+    common += ["--precision", p["precision"], *flops_args(fam)]
+    steps = [
+        Step(
+            f"speed {fam} {label}",
+            ["-m", "bench.train_loracord", "--work", w, *common, "--speed", flags],
+            f["train_timeout"] + (300 if "compile" in flags else 0),
+            needs=[f"prepare {fam}"],
+        )
+        for label, flags in SPEED_RUNS.items()
+    ]
+    gen = ["--steps", str(p["gen_steps"]), "--repeats", str(p["gen_repeats"]), "--compile", "inductor"]
+    steps.append(
+        Step(
+            f"speed gen {fam} compiled",
+            ["-m", "bench.gen", "--work", w, *gen],
+            f["gen_timeout"] + 300,
+            metric="gen",
+            needs=[f"prepare {fam}"],
+        )
+    )
+    return steps
 
 
 _GPU_FAMILIES = {
@@ -284,6 +332,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         scheduler_members=[],  # the bot's figures come from the cpu profile (the GPU image has no sqlite-utils)
         discord_members=[],
         scheduler_jobs=400,
+        speed=True,
     ),
     "cpu": dict(
         families={
@@ -422,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cold_s",
                 "images_per_s_folder",
                 "per_job_ms",
+                "compile_s",
+                "mfu",
+                "recompiles",
                 "passed",
                 "skipped",
                 "error",

@@ -10,16 +10,19 @@ the first preview image (model load included), total seconds, and the allocator'
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from runner.spec import EpochEvent, ProgressEvent, StageEvent, TrainSpec
+from runner.spec import SPEED_SETTINGS, EpochEvent, ProgressEvent, StageEvent, TrainSpec
 from runner.train.loop import train
 
 from .common import SHARED, StepClock, emit, log, peak_vram_mib, reset_peak
 from .prepare import Prepared, load_prepared
+
+SPEED_FLAGS = [s for s in SPEED_SETTINGS if TrainSpec.model_fields[s].annotation is bool]
 
 
 def base_of(prepared: Prepared) -> str:
@@ -44,6 +47,8 @@ def spec_for(args: argparse.Namespace, out: Path) -> TrainSpec:
         "gradient_checkpointing": args.gradient_checkpointing,
         "sample_every_n_epochs": 1 if args.previews else 0,
         "sample_steps": args.sample_steps,
+        **{name: True for name in args.speed},
+        **({"torch_compile_backend": args.compile_backend} if "torch_compile" in args.speed else {}),
     }
     if args.steps:
         settings |= {"max_train_epochs": None, "max_train_steps": args.steps, "save_every_n_epochs": 10000}
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             marks.setdefault("first_preview_s", now)
         elif isinstance(event, StageEvent):
             marks.setdefault(f"{event.stage}_s", now)
+            if event.stage == "compile" and event.seconds is not None:
+                marks["compile_seconds"] = event.seconds
 
     reset_peak()
     with tempfile.TemporaryDirectory(prefix="loracord-bench-") as out:
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "previews": args.previews,
             "precision": args.precision,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "speed": args.speed,
             "warmup_steps_excluded": args.warmup,
             **SHARED,
         },
@@ -101,7 +109,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup_s=round(marks["cache_latents_s"], 2) if "cache_latents_s" in marks else None,
         final_loss=marks.get("loss"),
         peak_vram_mib=peak_vram_mib(),
+        # torch_compile: the compile stage's own time, before the first step (not in samples_per_s).
+        compile_s=marks.get("compile_seconds"),
+        **_mfu(args.flops, prepared, None if rate is None else rate * args.batch),
     )
+
+
+def _mfu(flops_file: Path | None, prepared: Prepared, samples_per_s: float | None) -> dict[str, Any]:
+    """MFU from bench/flops.py's count for this family and size, on a GPU whose peak is known."""
+    if flops_file is None or not flops_file.exists() or samples_per_s is None:
+        return {}
+    import torch
+
+    from .flops import PEAK_BF16_DENSE, mfu
+
+    counted = json.loads(flops_file.read_text())
+    if (counted["family"], counted["resolution"]) != (prepared.family, prepared.resolution):
+        return {}
+    figures: dict[str, Any] = {"flops_per_sample": counted["flops_per_sample"]}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    peak = next((v for k, v in PEAK_BF16_DENSE.items() if k in gpu), None)
+    if peak:
+        figures |= {
+            "peak_flops": peak,
+            "mfu": round(mfu(counted["flops_per_sample"], samples_per_s, peak), 4),
+        }
+    return figures
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,6 +149,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state rate")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--speed",
+        type=lambda v: [s for s in v.split(",") if s],
+        default=[],
+        help="speed settings to switch on, comma-separated: " + ", ".join(SPEED_FLAGS),
+    )
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--flops", type=Path, default=None, help="bench/flops.py's record: adds the MFU")
     return p
 
 

@@ -166,3 +166,39 @@ def test_discord_ack_bench_with_the_stub_in_its_own_process_and_an_upload():
     assert record["violations"] == [] and record["over_3s"] == 0
     assert 0 < record["upload_interactions"] <= record["interactions"]
     assert record["upload_intake_s"] > 0
+
+
+def test_gpu_profile_measures_each_speed_setting_on_its_own_and_all_together():
+    from argparse import Namespace
+
+    from bench.run_all import plan
+
+    args = Namespace(
+        profile="gpu", work="/tmp/w", ref_python=None, kohya_python=None, kohya_path=None,
+        families=["sdxl"], only=["prepare", "speed"], refs=True,
+    )  # fmt: skip
+    steps = {s.name: s for s in plan(args)}
+    assert list(steps) == [
+        "prepare sdxl",
+        "speed sdxl loss_one_step_late",
+        "speed sdxl channels_last",
+        "speed sdxl torch_compile",
+        "speed sdxl all",
+        "speed gen sdxl compiled",
+    ]
+    for name, step in steps.items():
+        if name.startswith("speed sdxl"):
+            argv = step.argv
+            flags = argv[argv.index("--speed") + 1].split(",")
+            assert set(flags) <= {"loss_one_step_late", "channels_last", "torch_compile"}
+            # The MFU's FLOPs: bench/flops.py's count for SDXL at 1024², kept in bench/results.
+            assert argv[argv.index("--flops") + 1].endswith("bench/results/flops-sdxl.json")
+            assert step.needs == ["prepare sdxl"]
+    assert steps["speed gen sdxl compiled"].argv[-2:] == ["--compile", "inductor"]
+    # The same settings as the plain `loracord sdxl` step, so the two rates compare.
+    args.only = ["loracord sdxl"]
+    (plain,) = plan(args)
+    assert steps["speed sdxl all"].argv[: len(plain.argv)] == plain.argv
+    # The cpu and tiny profiles leave them out (inductor on a CPU takes minutes a graph).
+    args.profile, args.families, args.only = "tiny", ["sd15"], None
+    assert not [s for s in plan(args) if s.name.startswith("speed")]
