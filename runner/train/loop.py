@@ -582,14 +582,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
                 # The step's loss: the mean of its micro-batches (the last step of an epoch may have fewer).
-                loss = StepLoss(
+                step_loss = StepLoss(
                     torch.stack(micro_losses).mean(), step, epoch, self.lr_scheduler.get_last_lr()[0]
                 )
                 micro_losses.clear()
-                # Late: the step before this one is reported now that this one is queued; reading a
-                # loss is the step's one wait for the GPU.
+                # Reading a loss is the step's one wait for the GPU. Late, the step before this one
+                # is read now that this one is queued; otherwise this one at once.
                 self._report_pending()
-                self.pending = loss
+                self.pending = step_loss
                 if not spec.loss_one_step_late:
                     self._report_pending()
                 if spec.sample_every_n_steps and step % spec.sample_every_n_steps == 0:
