@@ -160,32 +160,45 @@ def compiled_run(out: Path, data: Path, **settings):
     return events, tensors, seen["after_compile"], graphs()
 
 
-def test_compiled_unet_trains_the_same_weights_and_reports_its_compile_time(tmp_path, data, plain):
-    events, tensors, at_compile, at_end = compiled_run(tmp_path, data, torch_compile_backend="aot_eager")
-    assert at_compile >= 1 and at_end == at_compile  # every graph was built before the first step
-    done = [e for e in events if isinstance(e, StageEvent) and e.stage == "compile" and e.seconds]
-    assert len(done) == 1 and done[0].seconds > 0 and done[0].total == 1
+BUCKETS = dict(train_batch_size=2, max_train_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def eager_buckets(tmp_path_factory, two_buckets):
+    return run(tmp_path_factory.mktemp("eager"), two_buckets, **BUCKETS)
+
+
+@pytest.fixture(scope="module")
+def static_graphs(tmp_path_factory, two_buckets, eager_buckets):
+    """One compiled run over two buckets (two batch shapes) for two epochs: (graphs built, events)."""
+    out = tmp_path_factory.mktemp("static")
+    events, tensors, at_compile, at_end = compiled_run(
+        out, two_buckets, torch_compile_backend="aot_eager", **BUCKETS
+    )
     # AOTAutograd's decompositions round differently from eager kernels: fp32 tolerance.
-    assert close(tensors, plain[1], 1e-4)
-    assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(losses(events), losses(plain[0]), strict=True))
+    assert close(tensors, eager_buckets[1], 1e-4)
+    return at_compile, at_end, events
 
 
-def test_compiled_run_over_buckets_never_recompiles_while_training(tmp_path, two_buckets):
-    settings = dict(train_batch_size=2, max_train_epochs=2, torch_compile_backend="eager")
-    graphs_built = {}
-    for dynamic in (False, True):
-        events, tensors, at_compile, at_end = compiled_run(
-            tmp_path / str(dynamic), two_buckets, torch_compile_dynamic=dynamic, **settings
-        )
-        stages = [e for e in events if isinstance(e, StageEvent) and e.stage == "compile" and e.seconds]
-        assert stages[0].total == 2  # two buckets of two images: two batch shapes
-        assert at_end == at_compile, "a step recompiled"
-        graphs_built[dynamic] = at_compile
-        print(f"dynamic={dynamic}: {at_compile} graphs")
-    eager, eager_tensors = run(tmp_path / "e", two_buckets, **settings)
-    assert close(tensors, eager_tensors, 1e-5)
-    assert [s for s, _ in losses(events)] == [s for s, _ in losses(eager)] == [1, 2, 3, 4]
-    # Static: the same graphs (the UNet's pieces between graph breaks) once per shape; dynamic: one
-    # set that serves both shapes.
-    assert graphs_built[False] % 2 == 0
-    assert graphs_built[True] == graphs_built[False] // 2
+def test_a_compiled_run_trains_the_same_weights_builds_every_graph_first_and_reports_its_compile_time(
+    static_graphs, eager_buckets
+):
+    at_compile, at_end, events = static_graphs
+    assert at_compile >= 1 and at_end == at_compile, "a step recompiled"
+    done = [e for e in events if isinstance(e, StageEvent) and e.stage == "compile" and e.seconds]
+    assert len(done) == 1 and done[0].seconds > 0 and done[0].total == 2  # two buckets: two batch shapes
+    assert [s for s, _ in losses(events)] == [s for s, _ in losses(eager_buckets[0])] == [1, 2, 3, 4]
+    assert all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(losses(events), losses(eager_buckets[0]), strict=True))
+    # Static shapes: the same graphs (the UNet's pieces between graph breaks) once per shape.
+    assert at_compile % 2 == 0
+
+
+def test_a_dynamic_compile_serves_both_buckets_with_one_set_of_graphs(
+    tmp_path, two_buckets, static_graphs, eager_buckets
+):
+    events, tensors, at_compile, at_end = compiled_run(
+        tmp_path, two_buckets, torch_compile_backend="eager", torch_compile_dynamic=True, **BUCKETS
+    )
+    assert at_end == at_compile, "a step recompiled"
+    assert at_compile == static_graphs[0] // 2
+    assert close(tensors, eager_buckets[1], 1e-5)
