@@ -147,6 +147,14 @@ class WarmPipeline:
     hot_key: tuple | None = None
     hot: list[tuple[dict[str, torch.Tensor], float]] = field(default_factory=list)
     compiled: bool = False
+    # What the pipeline's LoRA layers were last set to (None: not known since an adapter came or went):
+    # enable_lora and set_adapters each walk every layer of the UNet and text encoders, so a /gen
+    # with the adapters already set skips them, and a swap among loaded LoRAs costs one set_adapters.
+    lora_enabled: bool | None = None
+    active: tuple[tuple[str, ...], tuple[float, ...]] | None = None
+
+    def adapters_changed(self) -> None:
+        self.lora_enabled, self.active = None, None
 
     @property
     def total_bytes(self) -> int:
@@ -213,11 +221,20 @@ class PipelineCache:
             self._text_encoder_adapters(warm, loaded, [w for _, w in loras])
             self._fill_slot(warm, loaded, [w for _, w in loras])
             return loaded
+        wanted = (tuple(lora.adapter for lora in loaded), tuple(w for _, w in loras))
         if loaded:
-            pipe.enable_lora()
-            pipe.set_adapters([lora.adapter for lora in loaded], [w for _, w in loras])
-        elif warm.loras:
+            if warm.lora_enabled is not True:
+                warm.adapters_changed()  # set again below if this fails half-way
+                pipe.enable_lora()
+                warm.lora_enabled = True
+            if warm.active != wanted:
+                warm.active = None
+                pipe.set_adapters(list(wanted[0]), list(wanted[1]))
+                warm.active = wanted
+        elif warm.loras and warm.lora_enabled is not False:
+            warm.lora_enabled = None
             pipe.disable_lora()
+            warm.lora_enabled = False
         return loaded
 
     def _lora(self, warm: WarmPipeline, path: Path, keep: set[Path]) -> LoadedLora:
@@ -248,6 +265,7 @@ class PipelineCache:
             # The UNet's part goes to the slot when the LoRA is used; the rest is an adapter here.
             unet = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
             tensors = {k: v for k, v in tensors.items() if not k.startswith("lora_unet_")}
+        warm.adapters_changed()  # a new adapter's layers come enabled and active as diffusers leaves them
         try:
             if tensors:
                 tensors = family(base.family).loadable_lora(tensors, base)
@@ -321,6 +339,7 @@ class PipelineCache:
     def _drop_adapter(self, warm: WarmPipeline, adapter: str) -> None:
         pipe = warm.sampler.pipe
         if any(adapter in names for names in pipe.get_list_adapters().values()):
+            warm.adapters_changed()
             pipe.delete_adapters([adapter])
 
     def _unload(self, warm: WarmPipeline, key: Path) -> None:
