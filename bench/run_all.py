@@ -201,6 +201,24 @@ def plan(args: argparse.Namespace) -> list[Step]:
         )
     for fam in args.families:
         steps += speed_steps(fam, p, work / f"{args.profile}-{fam}")
+    # Issue 17: loracord against the bare model, side by side in one process each.
+    work_arg = ["--work", str(work)]
+    steps.append(
+        Step(
+            "train overhead",
+            ["-m", "bench.train_overhead", *p["train_overhead"], *work_arg],
+            p["overhead_timeout"],
+            metric="train_overhead",
+        )
+    )
+    steps.append(
+        Step(
+            "gen overhead",
+            ["-m", "bench.gen_overhead", *p["gen_overhead"], *work_arg],
+            p["overhead_timeout"],
+            metric="gen_overhead",
+        )
+    )
     steps.append(Step("intake", ["-m", "bench.intake", *p["intake"]], 300, metric="intake"))
     steps.append(Step("caption florence2", ["-m", "bench.caption", *p["caption"]], 420, metric="caption"))
     for members in p["scheduler_members"]:
@@ -329,6 +347,22 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_repeats=5,
         intake=["--images", "40"],
         caption=["--profile", "large", "--device", "cuda"],
+        train_overhead=[
+            "--bases",
+            "random:sd15",
+            "--batches",
+            "4",
+            "--size",
+            "512",
+            "--rounds",
+            "3",
+            "--steps",
+            "20",
+            "--warmup",
+            "5",
+        ],
+        gen_overhead=["--bases", "random:sd15", "--size", "512", "--steps", "20", "--rounds", "5"],
+        overhead_timeout=300,
         scheduler_members=[],  # the bot's figures come from the cpu profile (the GPU image has no sqlite-utils)
         discord_members=[],
         scheduler_jobs=400,
@@ -358,6 +392,22 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_repeats=3,
         intake=["--images", "40"],
         caption=["--profile", "tiny", "--device", "cpu"],  # the large model takes ~40 s an image here
+        train_overhead=[
+            "--bases",
+            "tiny:sd15",
+            "random:sd15",
+            "--batches",
+            "1",
+            "4",
+            "--rounds",
+            "3",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+        ],
+        gen_overhead=["--bases", "tiny:sd15", "random:sd15", "--rounds", "3"],
+        overhead_timeout=1800,
         scheduler_members=[50, 200],
         discord_members=[50, 200],
         scheduler_jobs=400,
@@ -370,6 +420,31 @@ PROFILES: dict[str, dict[str, Any]] = {
         gen_repeats=1,
         intake=["--images", "3", "--size", "256x192"],
         caption=["--profile", "tiny", "--device", "cpu"],
+        train_overhead=[
+            "--bases",
+            "tiny:sd15",
+            "--batches",
+            "1",
+            "--rounds",
+            "1",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        gen_overhead=[
+            "--bases",
+            "tiny:sd15",
+            "--rounds",
+            "1",
+            "--steps",
+            "1",
+            "--loras",
+            "2",
+            "--swaps",
+            "2",
+        ],
+        overhead_timeout=300,
         scheduler_members=[5],
         discord_members=[5],
         scheduler_jobs=20,
@@ -465,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             k: r[k]
             for k in (
                 "samples_per_s",
+                "median_ratio",
                 "seconds",
                 "first_preview_s",
                 "warm_s",

@@ -46,13 +46,15 @@ IMAGES = 4
 SIZE = 64
 
 
-def dataset(root: Path, rounds_steps: int, batch: int) -> Path:
+def dataset(root: Path, rounds_steps: int, batch: int, size: int) -> Path:
     # Enough repeats that a round is one epoch: no epoch boundary (reseeding, saving) inside the timing.
     repeats = -(-rounds_steps * batch // IMAGES) + 1
-    return kohya_dataset(root, count=IMAGES, repeats=repeats, size=(SIZE, SIZE))
+    return kohya_dataset(root, count=IMAGES, repeats=repeats, size=(size, size))
 
 
-def spec_for(base: str, data: Path, out: Path, batch: int, steps: int, precision: str) -> TrainSpec:
+def spec_for(
+    base: str, data: Path, out: Path, batch: int, steps: int, precision: str, size: int
+) -> TrainSpec:
     return TrainSpec.parse(
         {
             **SHARED,
@@ -60,7 +62,7 @@ def spec_for(base: str, data: Path, out: Path, batch: int, steps: int, precision
             "base": base,
             "train_data_dir": str(data),
             "output_dir": str(out),
-            "resolution": SIZE,
+            "resolution": size,
             "train_batch_size": batch,
             "mixed_precision": precision,
             "sample_every_n_epochs": 0,
@@ -119,7 +121,7 @@ class Bare:
             files = sorted(p for p in next(data.iterdir()).iterdir() if p.suffix == ".png")
             self.latents, self.text = [], []
             for f in files:
-                px = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32))
+                px = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32))  # H, W, 3
                 px = (px.permute(2, 0, 1) / 127.5 - 1).unsqueeze(0).to(device)
                 self.latents.append(vae.encode(px).latent_dist.sample() * vae.config.scaling_factor)
                 ids = tok(
@@ -186,7 +188,7 @@ def loadable(name: str, work: Path) -> str:
     measurement; a file loads in seconds, as members' checkpoints do)."""
     if name.startswith("tiny:"):
         return name
-    return base_of(prepare(name, work / f"overhead-{name.replace(':', '-')}", IMAGES, 1, SIZE))
+    return base_of(prepare(name, work / f"overhead-{name.replace(':', '-')}", IMAGES, 1))
 
 
 def measure(args: argparse.Namespace, name: str, batch: int, tmp: Path) -> dict[str, Any]:
@@ -194,8 +196,8 @@ def measure(args: argparse.Namespace, name: str, batch: int, tmp: Path) -> dict[
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision or ("bf16" if device.type == "cuda" else "no")
     total = args.warmup + args.steps
-    data = dataset(tmp / f"data-{batch}", total, batch)
-    spec = spec_for(base, data, tmp / "out", batch, total, precision)
+    data = dataset(tmp / f"data-{batch}", total, batch, args.size)
+    spec = spec_for(base, data, tmp / "out", batch, total, precision, args.size)
     load_before = os.getloadavg()
     log(f"train_overhead: {name} batch {batch}, load {load_before[0]:.2f}: bare setup")
     started = time.monotonic()
@@ -214,7 +216,7 @@ def measure(args: argparse.Namespace, name: str, batch: int, tmp: Path) -> dict[
         base=name,
         loaded_from="name" if base == name else "single file",
         settings={
-            "resolution": SIZE,
+            "resolution": args.size,
             "batch": batch,
             "precision": precision,
             "rounds": args.rounds,
@@ -241,6 +243,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bases", nargs="+", default=["tiny:sd15", "random:sd15"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--size", type=int, default=SIZE, help="image side")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="timed steps a round")
     p.add_argument("--warmup", type=int, default=2, help="steps a round left out of its rate")
