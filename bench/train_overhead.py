@@ -1,10 +1,12 @@
 """loracord's training step against a bare training loop on the same base, side by side (issue 17).
 
-In one process, for each base and batch size, rounds alternate: loracord (``runner.train.loop.train``,
-the worker's call, cached latents and text) then the bare loop written here, then loracord again…
-Each round runs ``--warmup + --steps`` steps and only the last ``--steps`` count (the first ones pay
-allocator growth and first-call costs). Rounds alternate so that the load of a shared machine falls
-on both sides alike; the figure is the median of the per-round ratios loracord ÷ bare.
+In one process, for each base and batch size, loracord (``runner.train.loop.train``, the worker's
+call, cached latents and text) and the bare loop written here take turns step by step: each
+loracord step is followed by one bare step, run from loracord's ProgressEvent callback. Each round
+(one ``train`` run; ``--rounds`` of them) runs ``--warmup + --steps`` steps and only the last
+``--steps`` pairs count (the first ones pay allocator growth and first-call costs). Neighbouring
+steps share whatever load a shared machine has at that second, so the figure is the median over
+all pairs of the speed ratio loracord ÷ bare (bare step's seconds ÷ loracord step's seconds).
 
 The bare loop is what a person would write with diffusers and peft: the same base (built by
 ``load_base``), the same LoRA modules (the names loracord targets, from the family, with the same
@@ -12,7 +14,7 @@ rank and alpha, added with peft's ``LoraConfig``), latents and text embeddings c
 epsilon objective on ``DDPMScheduler.add_noise``, MSE, AdamW, grad clipping at norm 1, a constant
 learning rate and one ``loss.item()`` a step (every trainer reads its loss for its progress bar).
 
-    python -m bench.train_overhead --bases tiny:sd15 random:sd15 --batches 1 4 --rounds 3
+    python -m bench.train_overhead --bases tiny:sd15 random:sd15 --batches 1 4 --rounds 2
 
 Goal: loracord ≥ 0.97 × bare.
 """
@@ -35,7 +37,7 @@ from runner.families.registry import family, load_base
 from runner.spec import ProgressEvent, TrainSpec
 from runner.train.loop import train
 
-from .common import SHARED, StepClock, emit, log
+from .common import SHARED, emit, log
 from .data import kohya_dataset
 from .prepare import prepare
 from .train_loracord import base_of
@@ -73,20 +75,35 @@ def spec_for(
     )
 
 
-def loracord_round(spec: TrainSpec, warmup: int, device: str | None) -> float:
-    """Steps/s of ``train`` after its first ``warmup`` steps, timed as its ProgressEvents arrive."""
-    clock = StepClock(warmup=warmup)
+def paired_round(
+    spec: TrainSpec, warmup: int, device: str | None, bare: Bare
+) -> tuple[list[float], list[float]]:
+    """One ``train`` run with a bare step after each of its steps, run inside its ProgressEvent
+    callback, so the two take turns step by step and share whatever load the machine has at that
+    second. Returns the seconds of loracord's steps and of the bare ones after the first ``warmup``.
+
+    A loracord step is timed from the end of the bare step before it to its own ProgressEvent: all
+    of the loop's work for the step (batch, loss, backward, clipping, optimizer, loss read, event)."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    resumed: float | None = None  # when control went back to the trainer after the last bare step
 
     def on_event(event: Any) -> None:
-        if isinstance(event, ProgressEvent):
-            clock.step(event.step)
+        nonlocal resumed
+        if not isinstance(event, ProgressEvent):
+            return
+        arrived = time.perf_counter()
+        if resumed is not None and event.step > warmup:
+            ours.append(arrived - resumed)
+        bare.step()
+        resumed = time.perf_counter()
+        if event.step > warmup:
+            theirs.append(resumed - arrived)
 
     result = train(spec, on_event, device=device)
     if result.type != "done":
         raise SystemExit(f"loracord training failed: {result.reason}")
-    rate = clock.steps_per_s()
-    assert rate is not None, "too few steps to time"
-    return rate
+    return ours, theirs
 
 
 class Bare:
@@ -172,15 +189,6 @@ class Bare:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def round(self, warmup: int, steps: int) -> float:
-        clock = StepClock(warmup=warmup)
-        for n in range(1, warmup + steps + 1):
-            self.step()
-            clock.step(n)
-        rate = clock.steps_per_s()
-        assert rate is not None
-        return rate
-
 
 def loadable(name: str, work: Path) -> str:
     """What both sides load ``name`` from: tiny bases by name, full-size ones from a single file
@@ -202,14 +210,18 @@ def measure(args: argparse.Namespace, name: str, batch: int, tmp: Path) -> dict[
     log(f"train_overhead: {name} batch {batch}, load {load_before[0]:.2f}: bare setup")
     started = time.monotonic()
     bare = Bare(spec, data, device)
-    ours, theirs = [], []
+    ours: list[list[float]] = []
+    theirs: list[list[float]] = []
     for r in range(args.rounds):
-        ours.append(loracord_round(spec, args.warmup, args.device))
-        theirs.append(bare.round(args.warmup, args.steps))
-        log(f"  round {r + 1}: loracord {ours[-1]:.3f} steps/s, bare {theirs[-1]:.3f} steps/s")
+        o, t = paired_round(spec, args.warmup, args.device, bare)
+        ours.append(o)
+        theirs.append(t)
+        log(f"  round {r + 1}: loracord {len(o) / sum(o):.3f} steps/s, bare {len(t) / sum(t):.3f} steps/s")
     del bare
-    ratios = [o / t for o, t in zip(ours, theirs, strict=True)]
+    # Speed ratio of each pair of neighbouring steps (loracord's step k, then the bare step k).
+    ratios = [b / a for o, t in zip(ours, theirs, strict=True) for a, b in zip(o, t, strict=True)]
     median = statistics.median(ratios)
+    per_round = [(len(o) / sum(o), len(t) / sum(t)) for o, t in zip(ours, theirs, strict=True)]
     return emit(
         "loracord",
         "train_overhead",
@@ -222,16 +234,19 @@ def measure(args: argparse.Namespace, name: str, batch: int, tmp: Path) -> dict[
             "rounds": args.rounds,
             "steps_per_round": args.steps,
             "warmup_steps_excluded": args.warmup,
-            "order": "loracord, bare, alternating",
+            "order": "loracord step, bare step, alternating",
             **SHARED,
         },
         load_before=[round(v, 2) for v in load_before],
         load_after=[round(v, 2) for v in os.getloadavg()],
-        loracord_steps_per_s=[round(v, 4) for v in ours],
-        bare_steps_per_s=[round(v, 4) for v in theirs],
+        loracord_steps_per_s=[round(o, 4) for o, _ in per_round],
+        bare_steps_per_s=[round(t, 4) for _, t in per_round],
+        round_ratios=[round(o / t, 4) for o, t in per_round],
         ratios=[round(v, 4) for v in ratios],
-        loracord_samples_per_s=round(statistics.median(ours) * batch, 4),
-        bare_samples_per_s=round(statistics.median(theirs) * batch, 4),
+        loracord_step_s=round(statistics.median([v for o in ours for v in o]), 4),
+        bare_step_s=round(statistics.median([v for t in theirs for v in t]), 4),
+        loracord_samples_per_s=round(statistics.median([o for o, _ in per_round]) * batch, 4),
+        bare_samples_per_s=round(statistics.median([t for _, t in per_round]) * batch, 4),
         median_ratio=round(median, 4),
         goal=GOAL,
         meets_goal=median >= GOAL,
@@ -244,9 +259,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", nargs="+", default=["tiny:sd15", "random:sd15"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     p.add_argument("--size", type=int, default=SIZE, help="image side")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--rounds", type=int, default=2, help="train runs, each paired step by step with the bare loop"
+    )
     p.add_argument("--steps", type=int, default=6, help="timed steps a round")
-    p.add_argument("--warmup", type=int, default=2, help="steps a round left out of its rate")
+    p.add_argument("--warmup", type=int, default=2, help="steps a round leaves out (at least 1)")
     p.add_argument(
         "--precision", default=None, choices=["no", "fp16", "bf16"], help="default: bf16 on a GPU, else no"
     )
@@ -258,7 +275,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error(
+            "--warmup and --steps must be at least 1 (a loracord step is timed from the bare step before it)"
+        )
     log(f"train_overhead: {args}")
     with tempfile.TemporaryDirectory(prefix="loracord-overhead-") as tmp:
         for base in args.bases:
