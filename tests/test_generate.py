@@ -18,6 +18,7 @@ from runner.gen.sample_prompts import DEFAULT_NEGATIVE, SamplePrompt, default_sa
 from runner.gen.sampler import (
     SAMPLERS,
     Sampler,
+    _sampling_mode,
     make_scheduler,
     parse_sample_prompt,
     resolve_sampler,
@@ -254,3 +255,18 @@ def test_png_carries_parameters(tmp_path, sd15):
             assert back.format == "PNG"
             assert back.info["parameters"] == text
             assert np.array_equal(pixels(back.convert("RGB")), pixels(image))
+
+
+def test_sampling_changes_a_modules_mode_and_place_only_when_they_differ_and_puts_them_back(monkeypatch):
+    base = load_base("tiny:sd15")
+    unet, te = base.unet, base.text_encoders[0]
+    unet.train()  # a training run's preview
+    te.eval()  # a warm /gen pipeline's text encoder
+    moves = []
+    for m in (unet, te):
+        real = m.to
+        monkeypatch.setattr(m, "to", lambda *a, _real=real, _m=m, **k: (moves.append(_m), _real(*a, **k))[1])
+    with _sampling_mode([unet, te], torch.device("cpu")):
+        assert not any(m.training for m in unet.modules()) and not te.training
+    assert all(m.training for m in unet.modules()) and not any(m.training for m in te.modules())
+    assert moves == []  # both were on the device already: nothing walked them to move nothing
