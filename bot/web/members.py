@@ -39,15 +39,18 @@ def page_error(request: web.Request, status: int, message: str) -> web.Response:
     )
 
 
-def _session(request: web.Request) -> store.WebSession:
+def refusal(
+    request: web.Request, kind: type[web.HTTPException], message: str, session: store.WebSession | None
+) -> web.HTTPException:
+    """An HTTP error with a page that says why, to raise from a handler."""
+    page = aiohttp_jinja2.render_string("message.html", request, {"message": message, "session": session})
+    return kind(text=page, content_type="text/html")
+
+
+def signed_in(request: web.Request) -> store.WebSession:
     session = request[SESSION]
     if session is None:
-        raise web.HTTPUnauthorized(
-            text=aiohttp_jinja2.render_string(
-                "message.html", request, {"message": SIGNED_OUT, "session": None}
-            ),
-            content_type="text/html",
-        )
+        raise refusal(request, web.HTTPUnauthorized, SIGNED_OUT, None)
     return session
 
 
@@ -58,14 +61,7 @@ def _own_job(server: WebServer, request: web.Request, session: store.WebSession)
         job_id = -1
     job = store.get_job(server.db, job_id)
     if job is None or job.kind != "train" or job.owner != session.member:
-        raise web.HTTPNotFound(
-            text=aiohttp_jinja2.render_string(
-                "message.html",
-                request,
-                {"message": "There is no training of yours with that number.", "session": session},
-            ),
-            content_type="text/html",
-        )
+        raise refusal(request, web.HTTPNotFound, "There is no training of yours with that number.", session)
     return job
 
 
@@ -87,7 +83,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
 
     @aiohttp_jinja2.template("home.html")
     async def home(request: web.Request) -> dict[str, Any]:
-        session = _session(request)
+        session = signed_in(request)
         runs = views.member_runs(db, session.member)
         kept = {lo.job_id: lo for lo in library.loras_for(db, session.member) if lo.owner == session.member}
         return {
@@ -98,7 +94,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         }
 
     async def lora(request: web.Request) -> web.Response:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         run = views.run(db, cfg, job)
         data = views.dataset(job.spec_dict)
@@ -118,7 +114,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return aiohttp_jinja2.render_template("lora.html", request, context)
 
     async def image(request: web.Request) -> web.StreamResponse:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         art = next((a for a in _all_artifacts(db, job) if str(a["id"]) == request.match_info["art"]), None)
         if art is None or art["kind"] != "image":
@@ -126,17 +122,17 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return web.FileResponse(art["path"])
 
     async def contact(request: web.Request) -> web.Response:
-        job = _own_job(server, request, _session(request))
+        job = _own_job(server, request, signed_in(request))
         images = views.dataset(job.spec_dict).images
         body = await asyncio.to_thread(views.contact_sheet, images)
         return web.Response(body=body, content_type="image/jpeg")
 
     async def loss(request: web.Request) -> web.Response:
-        job = _own_job(server, request, _session(request))
+        job = _own_job(server, request, signed_in(request))
         return web.json_response(views.loss_series(db, job.id))
 
     async def download(request: web.Request) -> web.StreamResponse:
-        job = _own_job(server, request, _session(request))
+        job = _own_job(server, request, signed_in(request))
         epoch = request.query.get("epoch")
         if epoch is None:
             kept = views.run(db, cfg, job).kept
@@ -153,7 +149,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return web.FileResponse(path, headers={hdrs.CONTENT_DISPOSITION: content_disposition(name)})
 
     async def use(request: web.Request) -> web.Response:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         form = await request.post()
         try:
@@ -169,7 +165,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return _back(job, "picked")
 
     async def share(request: web.Request) -> web.Response:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         kept = views.run(db, cfg, job).kept
         if kept is None:
@@ -179,7 +175,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return _back(job, "shared" if on else "unshared")
 
     async def delete(request: web.Request) -> web.Response:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         if job.state in store.ACTIVE:
             return page_error(request, 400, f"{job.name} is still training; cancel it first.")
@@ -189,7 +185,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return web.Response(status=303, headers={hdrs.LOCATION: "/?deleted=1"})
 
     async def cancel(request: web.Request) -> web.Response:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         try:
             jobs.request_cancel(db, job.id, session.member)
@@ -198,7 +194,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         return _back(job, "")
 
     async def grid(request: web.Request) -> web.Response:
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         form = await request.post()
         try:
@@ -210,7 +206,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
 
     async def events(request: web.Request) -> web.StreamResponse:
         """Server-sent events: the live box's numbers every LIVE_SECONDS until the job ends."""
-        session = _session(request)
+        session = signed_in(request)
         job = _own_job(server, request, session)
         response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
         await response.prepare(request)

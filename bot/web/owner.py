@@ -13,7 +13,7 @@ from aiohttp import hdrs, web
 from .. import admin_ops, jobs, store
 from ..config import ConfigError, Quota
 from . import views
-from .members import SESSION, SIGNED_OUT, page_error
+from .members import page_error, refusal, signed_in
 
 if TYPE_CHECKING:
     from .server import WebServer
@@ -28,22 +28,10 @@ _NOTES = {
 
 
 def _admin(request: web.Request) -> store.WebSession:
-    session = request[SESSION]
-    if session is None:
-        raise web.HTTPUnauthorized(
-            text=aiohttp_jinja2.render_string(
-                "message.html", request, {"message": SIGNED_OUT, "session": None}
-            ),
-            content_type="text/html",
-        )
+    session = signed_in(request)
     if not session.admin:
-        raise web.HTTPForbidden(
-            text=aiohttp_jinja2.render_string(
-                "message.html",
-                request,
-                {"message": "This page is for the server's admins (Manage Server).", "session": session},
-            ),
-            content_type="text/html",
+        raise refusal(
+            request, web.HTTPForbidden, "This page is for the server's admins (Manage Server).", session
         )
     return session
 
