@@ -211,18 +211,19 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
         await response.prepare(request)
         last = None
-        for _ in range(int(LIVE_MAX_S / LIVE_SECONDS)):
-            job = store.get_job(db, job.id) or job
-            now = views.live(db, job)
-            if now != last:
-                await response.write(f"data: {json.dumps(now)}\n\n".encode())
-                last = now
-            if job.state not in store.ACTIVE:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.closing.wait(), LIVE_SECONDS)
-            if server.closing.is_set():  # the bot stops: the browser reconnects to the next one
-                break
+        with contextlib.suppress(ConnectionResetError):  # the page was closed: nobody to tell
+            for _ in range(int(LIVE_MAX_S / LIVE_SECONDS)):
+                job = store.get_job(db, job.id) or job
+                now = views.live(db, job)
+                if now != last:
+                    await response.write(f"data: {json.dumps(now)}\n\n".encode())
+                    last = now
+                if job.state not in store.ACTIVE:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(server.closing.wait(), LIVE_SECONDS)
+                if server.closing.is_set():  # the bot stops: the browser reconnects to the next one
+                    break
         return response
 
     return [
