@@ -339,3 +339,25 @@ def test_sessions_end_when_they_expire(site):
     store.add_session(db, "h2", store.WebSession("111", True, "c", time.time() + 60))
     assert db["web_sessions"].count == 1  # the expired one went when the next was opened
     assert store.get_session(db, "h2").admin is True
+
+
+@async_test
+async def test_share_unshare_and_delete_from_the_page(site):
+    cfg, db = site
+    job = trained(cfg, db)
+    async with WebServer(cfg, db) as web, client() as http:
+        await (await http.get(web.logins.link("111"))).read()
+        csrf = next(iter(db.query("SELECT csrf FROM web_sessions")))["csrf"]
+        base = web.links.base_url + f"/loras/{job.id}"
+        async with http.post(base + "/share", data={"csrf": csrf}) as r:
+            assert r.status == 200 and "Shared" in await r.text()
+        assert library.get_lora(db, "111", NAME).shared == 1
+        assert [lo.name for lo in library.loras_for(db, "222")] == [NAME]  # others can use it now
+        async with http.post(base + "/unshare", data={"csrf": csrf}) as r:
+            assert r.status == 200 and "Private again" in await r.text()
+        assert library.get_lora(db, "111", NAME).shared == 0
+        kept = Path(library.get_lora(db, "111", NAME).path)
+        async with http.post(base + "/delete", data={"csrf": csrf}, allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == "/?deleted=1"
+        assert library.get_lora(db, "111", NAME) is None and not kept.exists()
+        assert not Path(job.spec_dict["output_dir"]).exists() and store.artifacts(db, job.id) == []
