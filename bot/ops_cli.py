@@ -20,9 +20,11 @@ from typing import Any
 
 from runner.cli import parse_value
 
-from . import jobs, store
+from . import admin_ops, jobs, store
 from .config import UNLIMITED, Config, ConfigError, Quota, load_config, quota_value
 from .files import DiskFull, PathError, check_free_disk, import_dataset, member_path
+
+CLI_ADMIN = "owner"  # who the admin record names for the operator's commands (and web-link's default)
 
 
 def _settings(pairs: list[str] | None) -> dict[str, Any]:
@@ -204,14 +206,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     _, db = _open(args)
-    store.set_setting(db, "paused", args.paused)
+    (admin_ops.pause if args.paused else admin_ops.resume)(db, CLI_ADMIN, "cli")
     print("queue paused: running jobs finish, nothing new starts" if args.paused else "queue resumed")
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg, db = _open(args)
-    what = jobs.request_cancel(db, args.id)
+    what = admin_ops.cancel(db, args.id, CLI_ADMIN, "cli")
     grace = cfg.workers.cancel_grace_seconds
     stopping = f"is being stopped (within a step; a worker that has not stopped it in {grace:g} s is killed)"
     print(f"job {args.id} {'cancelled' if what == 'cancelled' else stopping}")
@@ -219,12 +221,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_web_link(args: argparse.Namespace) -> int:
-    from .web import Links, load_secret
+    from .web.links import Links, load_secret, local_url
     from .web.sessions import Logins
 
     cfg, _ = _open(args)
-    host = cfg.web.host if cfg.web.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    base = cfg.web.public_url or f"http://{f'[{host}]' if ':' in host else host}:{cfg.web.port}"
+    base = cfg.web.public_url or local_url(cfg.web.host, cfg.web.port)
     links = Links(cfg.data_dir, load_secret(cfg), base, cfg.web.link_hours * 3600)
     logins = Logins(links, cfg.web.login_minutes * 60, cfg.web.session_hours * 3600)
     page = args.page or ("/admin" if args.admin else "/")
@@ -274,9 +275,10 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep or key not in Quota.names():
             raise jobs.JobError(f"'{item}': use key=value with a key from {', '.join(Quota.names())}")
-        changes.append((key, quota_value(key, value)))
-    for key, number in changes:
-        store.set_quota_override(db, scope, subject, key, number)
+        quota_value(key, value)
+        changes.append((key, value))
+    for key, value in changes:
+        admin_ops.set_quota(db, CLI_ADMIN, "cli", scope, subject, key, value)
     print(f"quota for {scope} {subject} updated")
     return 0
 
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser(
         "web-link", parents=[config], help="a sign-in link to the web pages (the owner's, with --admin)"
     )
-    w.add_argument("--user", default="owner", help="whose pages: a member's Discord id (default: 'owner')")
+    w.add_argument("--user", default=CLI_ADMIN, help="whose pages: a member's Discord id (default: 'owner')")
     w.add_argument("--admin", action="store_true", help="with the server's admin page")
     w.add_argument("--page", help="the page to open, e.g. /loras/12 (default: / or /admin)")
     w.set_defaults(func=cmd_web_link)

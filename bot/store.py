@@ -503,6 +503,11 @@ def artifacts(db: Database, job_id: int) -> list[dict[str, Any]]:
     return list(db.query("SELECT * FROM artifacts WHERE job_id = ? ORDER BY id", [job_id]))
 
 
+def artifact(db: Database, artifact_id: int) -> dict[str, Any] | None:
+    rows = list(db.query("SELECT * FROM artifacts WHERE id = ?", [artifact_id]))
+    return rows[0] if rows else None
+
+
 def delete_artifacts(db: Database, owner: str, job_id: int | None = None) -> None:
     """Forget the files of one job of ``owner`` (all their jobs when None) once they are deleted."""
     if job_id is None:

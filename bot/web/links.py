@@ -25,6 +25,13 @@ _NOT_VALID = "this link is not valid (it was changed or cut short); ask the bot 
 _UNSAFE_FALLBACK = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
+def local_url(host: str, port: int) -> str:
+    """Where this server is reached when ``[web] public_url`` is unset (a wildcard address is
+    listened on, not reached: links then point at this machine)."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 class LinkError(ValueError):
     """A link or path that is refused; ``status`` is the HTTP answer (403 refused, 404 gone)."""
 

@@ -116,8 +116,8 @@ def routes(server: WebServer) -> list[web.RouteDef]:
     async def image(request: web.Request) -> web.StreamResponse:
         session = signed_in(request)
         job = _own_job(server, request, session)
-        art = next((a for a in _all_artifacts(db, job) if str(a["id"]) == request.match_info["art"]), None)
-        if art is None or art["kind"] != "image":
+        art = store.artifact(db, int(request.match_info["art"]))
+        if art is None or art["kind"] != "image" or not _made_of(db, job, art["job_id"]):
             raise web.HTTPNotFound(text="no such image of this training")
         return web.FileResponse(art["path"])
 
@@ -135,7 +135,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         job = _own_job(server, request, signed_in(request))
         epoch = request.query.get("epoch")
         if epoch is None:
-            kept = views.run(db, cfg, job).kept
+            kept = views.kept_of(db, job)
             if kept is None:
                 raise web.HTTPNotFound(text="this training has no LoRA in your library yet")
             path, name = kept.path, f"{kept.name}.safetensors"
@@ -167,7 +167,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
     async def share(request: web.Request) -> web.Response:
         session = signed_in(request)
         job = _own_job(server, request, session)
-        kept = views.run(db, cfg, job).kept
+        kept = views.kept_of(db, job)
         if kept is None:
             return page_error(request, 400, "Pick an epoch first: only a LoRA in your library can be shared.")
         on = request.match_info["what"] == "share"
@@ -179,8 +179,8 @@ def routes(server: WebServer) -> list[web.RouteDef]:
         job = _own_job(server, request, session)
         if job.state in store.ACTIVE:
             return page_error(request, 400, f"{job.name} is still training; cancel it first.")
-        kept = library.get_lora(db, job.owner, job.name)
-        if kept is not None and kept.job_id == job.id:
+        kept = views.kept_of(db, job)
+        if kept is not None:
             library.delete(db, cfg, kept)
         return web.Response(status=303, headers={hdrs.LOCATION: "/?deleted=1"})
 
@@ -229,7 +229,7 @@ def routes(server: WebServer) -> list[web.RouteDef]:
     return [
         web.get("/", home),
         web.get("/loras/{job}", lora),
-        web.get("/loras/{job}/image/{art}", image),
+        web.get(r"/loras/{job}/image/{art:\d+}", image),
         web.get("/loras/{job}/dataset.jpg", contact),
         web.get("/loras/{job}/loss.json", loss),
         web.get("/loras/{job}/download", download),
@@ -242,14 +242,21 @@ def routes(server: WebServer) -> list[web.RouteDef]:
     ]
 
 
+def _is_grid_of(grid: store.Job, job: store.Job) -> bool:
+    return (
+        grid.kind == "grid"
+        and grid.owner == job.owner
+        and grid.spec_dict.get("lora_dir") == job.spec_dict.get("output_dir")
+    )
+
+
 def _grid_jobs(db: Any, job: store.Job) -> list[store.Job]:
-    return [
-        g
-        for g in store.list_jobs(db, ("done",), owner=job.owner)
-        if g.kind == "grid" and g.spec_dict.get("lora_dir") == job.spec_dict.get("output_dir")
-    ]
+    return [g for g in store.list_jobs(db, ("done",), owner=job.owner) if _is_grid_of(g, job)]
 
 
-def _all_artifacts(db: Any, job: store.Job) -> list[dict[str, Any]]:
-    """The training's images and those of the grids made of it."""
-    return [a for j in (job, *_grid_jobs(db, job)) for a in store.artifacts(db, j.id)]
+def _made_of(db: Any, job: store.Job, job_id: int) -> bool:
+    """Whether job ``job_id`` is the training ``job`` itself or a grid made of it."""
+    if job_id == job.id:
+        return True
+    other = store.get_job(db, job_id)
+    return other is not None and _is_grid_of(other, job)

@@ -30,7 +30,7 @@ from sqlite_utils import Database
 from .. import store
 from ..config import Config, ConfigError
 from . import members, owner, sessions
-from .links import LinkError, Links, content_disposition, load_secret
+from .links import LinkError, Links, content_disposition, load_secret, local_url
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class WebServer:
         self._runner = runner
         self.port = runner.addresses[0][1]
         if not self.cfg.web.public_url:
-            self.links.base_url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+            self.links.base_url = local_url(host, self.port)
         log.info("web: listening on %s port %d; links start with %s", host, self.port, self.links.base_url)
 
     async def stop(self) -> None:

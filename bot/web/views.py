@@ -117,18 +117,23 @@ def run(db: Database, cfg: Config, job: store.Job) -> Run:
             if p in by_path
         ]
         epochs.append(Epoch(e["epoch"], e["step"], loras.get(e["epoch"]), pictures))
-    kept = library.get_lora(db, job.owner, job.name) if job.name else None
     settings = {k: v for k, v in spec.items() if k not in _HIDDEN_SETTINGS}
     return Run(
         job=job,
         base=base_name(cfg, spec),
         trigger=spec.get("trigger_word"),
-        kept=kept if kept and kept.job_id == job.id else None,
+        kept=kept_of(db, job),
         epochs=epochs,
         prompts=prompts,
         settings=settings,
         progress=job.progress_dict,
     )
+
+
+def kept_of(db: Database, job: store.Job) -> library.Lora | None:
+    """The library entry this training fills (a later training of the same name replaces it)."""
+    kept = library.get_lora(db, job.owner, job.name) if job.name else None
+    return kept if kept is not None and kept.job_id == job.id else None
 
 
 def member_runs(db: Database, member: str) -> list[store.Job]:
