@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 from botutil import TRAIN, write_config
 from PIL import Image
+from test_dispatch import drive
 
 from bot import jobs, store
 from bot.dispatch import make_dispatcher
@@ -25,21 +25,6 @@ from runner.spec import GenSpec, ImagesEvent, LoraWeight, StageEvent, epoch_file
 from runner.worker import Worker
 
 SIDE = 64  # tiny:sd15 renders 64 px cells, which the grid pastes unscaled
-
-
-async def drive(sched: Scheduler, until: Callable[[], bool], timeout: float = 600) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(sched.run(stop))
-    try:
-        async with asyncio.timeout(timeout):
-            while not until():
-                if task.done():
-                    task.result()
-                    raise AssertionError("the scheduler stopped by itself")
-                await asyncio.sleep(0.05)
-    finally:
-        stop.set()
-        await task
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +53,7 @@ def trained(tmp_path_factory):
             grid.append(jobs.submit_grid(db, cfg, "alice", train.id, [0.0, 1.0], settings=settings))
 
     sched.subscribe(on_event)
-    asyncio.run(drive(sched, lambda: bool(grid) and not store.list_jobs(db, store.ACTIVE)))
+    asyncio.run(drive(sched, lambda: bool(grid) and not store.list_jobs(db, store.ACTIVE), timeout=600))
     return cfg, db, store.get_job(db, train.id), grid[0], seen
 
 

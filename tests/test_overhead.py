@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bench.gen_overhead import make_loras
+from bench.run_all import PROFILES
 from runner.families.registry import load_base
 from runner.gen import pipelines
 from runner.gen.generate import gen_images
@@ -73,19 +74,7 @@ def test_train_overhead_bench_writes_a_record_per_base_and_batch():
 
 
 def test_gen_overhead_bench_counts_no_base_load_and_one_read_per_new_lora():
-    (r,) = run_bench(
-        "bench.gen_overhead",
-        "--bases",
-        "tiny:sd15",
-        "--rounds",
-        "1",
-        "--steps",
-        "1",
-        "--loras",
-        "2",
-        "--swaps",
-        "2",
-    )
+    (r,) = run_bench("bench.gen_overhead", *PROFILES["tiny"]["gen_overhead"])  # what run_all runs
     assert (r["metric"], r["base"], r["settings"]["size"]) == ("gen_overhead", "tiny:sd15", 64)
     assert len(r["loracord_warm_s"]) == len(r["bare_warm_s"]) == len(r["ratios"]) == 1
     assert r["median_ratio"] == pytest.approx(r["loracord_warm_s"][0] / r["bare_warm_s"][0], rel=1e-2)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import settings_for
 from torch._dynamo.utils import counters
 
 from runner.selftest import make_demo_dataset
@@ -35,23 +36,7 @@ def two_buckets(tmp_path_factory) -> Path:
 
 
 def spec_for(out: Path, data: Path, **settings) -> TrainSpec:
-    return TrainSpec.parse(
-        {
-            "base": "tiny:sd15",
-            "train_data_dir": str(data),
-            "output_dir": str(out),
-            "output_name": "t",
-            "trigger_word": "sks",
-            "max_train_epochs": 1,
-            "network_dim": 4,
-            "network_alpha": 2,
-            "learning_rate": 1e-3,
-            "sample_every_n_epochs": 0,
-            "lr_scheduler": "constant",
-            "network_train_unet_only": True,
-            **settings,
-        }
-    )
+    return settings_for(out, data, network_train_unet_only=True, **settings)
 
 
 def run(out: Path, data: Path, on_event=None, **settings):
