@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from botutil import TRAIN, write_config
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from bot import jobs, store
 from bot.cli import main
 from bot.dispatch import make_dispatcher
+from bot.dispatch.local import LocalDispatcher
 from bot.files import member_path
 from bot.scheduler import Scheduler
 from runner.selftest import make_demo_dataset
@@ -230,3 +232,40 @@ def test_restart_of_the_whole_bot_loses_nothing(tmp_path):
         for e in store.job_events(db, first.id)
     )
     assert started_order(db)[:2] == ["first", "first"]  # the recovered job goes before the waiting ones
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="CPU workers fork from a template on Linux")
+def test_cpu_workers_fork_from_one_warm_template_and_a_gpu_worker_starts_fresh(tmp_path):
+    # A CUDA worker only fails at its first job on a machine without a GPU: starting it is enough.
+    dispatcher = LocalDispatcher(["cpu", "cuda:0", "cpu"], tmp_path)
+
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    async def go() -> tuple[list[int], list[str]]:
+        await dispatcher.start(asyncio.Queue())
+        try:
+            pids = [dispatcher.pid(w) for w in dispatcher.workers]
+            return [parent(p) for p in pids], [Path(f"/proc/{p}/maps").read_text() for p in pids]
+        finally:
+            await dispatcher.close()
+
+    (cpu0, gpu, cpu1), maps = asyncio.run(go())
+    # The CPU workers are children of one process that is not the bot, with torch loaded before
+    # any job came; the GPU worker is the bot's own child, which has imported nothing yet.
+    assert cpu0 == cpu1 != os.getpid() and gpu == os.getpid()
+    assert "libtorch_cpu" in maps[0] and "libtorch_cpu" in maps[2] and "libtorch_cpu" not in maps[1]
+
+
+def test_a_forked_worker_takes_its_thread_count_from_its_own_environment(monkeypatch):
+    import torch
+
+    from runner import worker
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        worker._threads_from_env()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,10 @@
-"""One ``python -m runner.worker DEVICE`` child process per device, spoken to in JSON lines.
+"""One ``runner.worker`` child process per device, spoken to in JSON lines.
+
+A GPU worker is a fresh ``python -m runner.worker DEVICE``. A CPU worker is forked from a template
+process that has already imported what a worker needs (``runner.warm``: torch, diffusers, ...,
+about ten seconds on a small CPU), so it is ready at once, and so is one started again after it
+died. GPU workers cannot be forked that way: CUDA does not survive a fork once the parent has
+touched it, and importing bitsandbytes (through diffusers) does.
 
 Reading happens in an asyncio task per child, so the bot's event loop never waits on a worker.
 A child that exits on its own (kill -9, CUDA error, out of memory) is reported at once with the
@@ -12,11 +18,14 @@ import asyncio
 import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import re
+import runpy
 import signal
 import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +60,109 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
     return why + (f" ({tail[0][-300:]})" if tail else "")
 
 
+WARM_MODULE = "runner.warm"
+
+
+def _warm_template() -> multiprocessing.context.ForkServerContext | None:
+    """The forkserver that CPU workers fork from, with ``runner.warm`` imported; None where there
+    is no forkserver (not Linux), and CPU workers start fresh like GPU ones."""
+    if sys.platform != "linux":
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([WARM_MODULE])
+    return context
+
+
+def _forked_worker(
+    stdin: Connection, stdout: Connection, log_path: str, env: dict[str, str], device: str
+) -> None:
+    """A CPU worker's body in the process forked from the template: ``runner.worker``'s main on
+    the pipes, log and environment the bot gave it, as an exec'd worker has them."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for fd, std in ((stdin.fileno(), 0), (stdout.fileno(), 1), (log_fd, 2)):
+        os.dup2(fd, std)
+    stdin.close(), stdout.close(), os.close(log_fd)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 (they live as long as the process)
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ.clear()
+    os.environ.update(env)
+    _die_with_parent()  # the template's child: the template exits when the bot does
+    sys.argv = [WARM_MODULE, device]
+    runpy.run_module("runner.worker", run_name="__main__", alter_sys=True)
+
+
+class _Forked:
+    """A worker forked from the template, with the part of ``asyncio.subprocess.Process`` that
+    ``_Child`` uses (the template, not the bot, is its parent: the return code comes through
+    multiprocessing's sentinel)."""
+
+    def __init__(
+        self,
+        process: multiprocessing.process.BaseProcess,
+        stdin: asyncio.StreamWriter,
+        stdout: asyncio.StreamReader,
+    ):
+        self.process, self.stdin, self.stdout = process, stdin, stdout
+        self.pid = process.pid
+        loop = asyncio.get_running_loop()
+        self._ended: asyncio.Future[int] = loop.create_future()
+        loop.add_reader(process.sentinel, self._on_end)
+
+    @classmethod
+    async def start(
+        cls,
+        context: multiprocessing.context.ForkServerContext,
+        device: str,
+        log_path: Path,
+        env: dict[str, str],
+    ) -> _Forked:
+        loop = asyncio.get_running_loop()
+        child_in, bot_in = os.pipe()
+        bot_out, child_out = os.pipe()
+        ends = (Connection(child_in, writable=False), Connection(child_out, readable=False))
+        # daemon: multiprocessing stops it when the bot exits without closing its workers
+        process = context.Process(
+            target=_forked_worker,
+            args=(*ends, str(log_path), env, device),
+            name=f"worker {device}",
+            daemon=True,
+        )
+        try:
+            # The first start waits for the template's imports: off the event loop.
+            await asyncio.to_thread(process.start)
+        finally:
+            for end in ends:
+                end.close()  # the template has sent them on; the child holds its copies
+        stdout = asyncio.StreamReader(limit=_LINE_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), open(bot_out, "rb", 0))  # noqa: SIM115
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin,
+            open(bot_in, "wb", 0),  # noqa: SIM115
+        )
+        stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        return cls(process, stdin, stdout)
+
+    def _on_end(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.process.sentinel)
+        self.process.join()  # reads the return code the template wrote; the process has ended
+        self._ended.set_result(self.process.exitcode)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._ended.result() if self._ended.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._ended)
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class _Child:
     def __init__(
         self,
@@ -59,9 +171,13 @@ class _Child:
         log_path: Path,
         inbox: asyncio.Queue[Message],
         env: dict[str, str],
+        template: multiprocessing.context.ForkServerContext | None = None,
     ):
+        """``template``: fork the worker from it (``command``'s last item is the device) instead
+        of running ``command``."""
         self.name, self.command, self.log_path, self.inbox, self.env = name, command, log_path, inbox, env
-        self.proc: asyncio.subprocess.Process | None = None
+        self.template = template
+        self.proc: asyncio.subprocess.Process | _Forked | None = None
         self.closing = False
         self.quick_deaths = 0
         self.reader: asyncio.Task | None = None
@@ -69,16 +185,19 @@ class _Child:
 
     async def spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log_file:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                limit=_LINE_LIMIT,
-                env=self.env,
-                preexec_fn=_die_with_parent,
-            )
+        if self.template is not None:
+            self.proc = await _Forked.start(self.template, self.command[-1], self.log_path, self.env)
+        else:
+            with open(self.log_path, "ab") as log_file:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *self.command,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=log_file,
+                    limit=_LINE_LIMIT,
+                    env=self.env,
+                    preexec_fn=_die_with_parent,
+                )
         self.started = time.monotonic()
         self.ready = True
         self.reader = asyncio.create_task(self._read(self.proc))
@@ -148,6 +267,7 @@ class LocalDispatcher:
         """``program``: what runs as a worker, given its device as the last argument (tests run a
         worker whose output they control)."""
         self.log_dir = log_dir
+        self.template = None if program else _warm_template()
         self.program = program or [sys.executable, "-m", "runner.worker"]
         self.workers = [f"{i}:{d}" for i, d in enumerate(devices)]
         self.devices = dict(zip(self.workers, devices, strict=True))
@@ -162,7 +282,8 @@ class LocalDispatcher:
             if device == "cpu":
                 env.setdefault("OMP_NUM_THREADS", threads)
             log_path = self.log_dir / f"worker-{name.replace(':', '-')}.log"
-            child = _Child(name, [*self.program, device], log_path, inbox, env)
+            template = self.template if device == "cpu" else None
+            child = _Child(name, [*self.program, device], log_path, inbox, env, template)
             self.children[name] = child
         await asyncio.gather(*(c.spawn() for c in self.children.values()))
 
