@@ -1,10 +1,6 @@
-"""What a worker imports before its first training or generation job, in one place.
-
-torch, diffusers, transformers and peft take about ten seconds to import on a small CPU. The bot
-imports this module once in a template process and forks each CPU worker from it
-(``bot/dispatch/local.py``), so a worker (a new one, or one started again after it died) is ready
-in a fraction of a second. It only imports: nothing here may run a kernel or start a thread, which
-a forked child could not use.
+"""What a worker imports before its first training or generation job, in one place: the template
+that CPU workers fork from (``runner/template.py``) imports it once. It only imports: nothing here
+may run a kernel or start a thread, which a forked child could not use.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from botutil import TRAIN, write_config
@@ -242,19 +243,35 @@ def test_cpu_workers_fork_from_one_warm_template_and_a_gpu_worker_starts_fresh(t
     def parent(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
-    async def go() -> tuple[list[int], list[str]]:
-        await dispatcher.start(asyncio.Queue())
+    def loaded(pid: int) -> bool:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+    async def go() -> tuple[list[int], list[int], list[Any], list[int]]:
+        inbox: asyncio.Queue = asyncio.Queue()
+        await dispatcher.start(inbox)
         try:
             pids = [dispatcher.pid(w) for w in dispatcher.workers]
-            return [parent(p) for p in pids], [Path(f"/proc/{p}/maps").read_text() for p in pids]
+            parents = [parent(p) for p in pids]
+            assert [loaded(p) for p in pids] == [True, False, True]
+            # The template dies (the OOM killer's pick, say): its workers go with it, each is
+            # reported, and the next start forks from a new template.
+            os.kill(parents[0], signal.SIGKILL)
+            deaths = [await asyncio.wait_for(inbox.get(), 60) for _ in range(2)]
+            async with asyncio.timeout(120):
+                while not all(
+                    dispatcher.ready(w) and dispatcher.pid(w) not in pids for w in dispatcher.workers[::2]
+                ):
+                    await asyncio.sleep(0.1)
+            return pids, parents, deaths, [parent(dispatcher.pid(w)) for w in dispatcher.workers]
         finally:
             await dispatcher.close()
 
-    (cpu0, gpu, cpu1), maps = asyncio.run(go())
-    # The CPU workers are children of one process that is not the bot, with torch loaded before
-    # any job came; the GPU worker is the bot's own child, which has imported nothing yet.
+    pids, (cpu0, gpu, cpu1), deaths, (new0, _, new1) = asyncio.run(go())
+    # The CPU workers are children of one process that is not the bot; the GPU worker is the
+    # bot's own child and had imported nothing yet.
     assert cpu0 == cpu1 != os.getpid() and gpu == os.getpid()
-    assert "libtorch_cpu" in maps[0] and "libtorch_cpu" in maps[2] and "libtorch_cpu" not in maps[1]
+    assert {d.worker for d in deaths} == {"0:cpu", "2:cpu"}
+    assert new0 == new1 not in (cpu0, os.getpid())
 
 
 def test_a_forked_worker_takes_its_thread_count_from_its_own_environment(monkeypatch):

@@ -75,7 +75,9 @@ async def in_child_process(fn: Callable[[T], R], arg: T) -> R:
     fork of this threaded process, which could deadlock, nor a copy of its memory."""
     pool = ProcessPoolExecutor(1, mp_context=_CHILDREN)
     try:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+        # The pool forks in submit(), which connects to the forkserver and, the first time, waits
+        # for it to start and import the intake code: not on the event loop.
+        return await asyncio.wrap_future(await asyncio.to_thread(pool.submit, fn, arg))
     finally:
         await asyncio.to_thread(pool.shutdown)
 

@@ -1,10 +1,8 @@
 """One ``runner.worker`` child process per device, spoken to in JSON lines.
 
 A GPU worker is a fresh ``python -m runner.worker DEVICE``. A CPU worker is forked from a template
-process that has already imported what a worker needs (``runner.warm``: torch, diffusers, ...,
-about ten seconds on a small CPU), so it is ready at once, and so is one started again after it
-died. GPU workers cannot be forked that way: CUDA does not survive a fork once the parent has
-touched it, and importing bitsandbytes (through diffusers) does.
+process that has imported what a worker needs once (``runner/template.py`` says why and how), so
+it is ready at once, and so is one started again after it died.
 
 Reading happens in an asyncio task per child, so the bot's event loop never waits on a worker.
 A child that exits on its own (kill -9, CUDA error, out of memory) is reported at once with the
@@ -15,32 +13,30 @@ dying right after start is restarted with a growing pause.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import atexit
+import collections
+import contextlib
 import json
 import logging
 import multiprocessing
 import os
 import re
-import runpy
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from runner import template
 
 from . import Message, WorkerDied, WorkerEvent, event_of
 
 log = logging.getLogger(__name__)
 _LINE_LIMIT = 2**24  # bytes; the longest event (a tag job's frequencies) is far below
 _ERROR_LINE = re.compile(r"error|exception|out of memory|killed", re.IGNORECASE)
-
-
-def _die_with_parent() -> None:
-    # A bot killed with -9 cannot stop its workers; Linux can: SIGTERM (cancel, then exit) when
-    # the parent goes, so an orphan never trains on beside the job the next bot resumes.
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _exit_reason(returncode: int, log_path: Path) -> str:
@@ -60,93 +56,118 @@ def _exit_reason(returncode: int, log_path: Path) -> str:
     return why + (f" ({tail[0][-300:]})" if tail else "")
 
 
-WARM_MODULE = "runner.warm"
+class _Template:
+    """The bot's side of the template process CPU workers fork from (``runner/template.py``): one
+    per bot process, started at the first CPU worker and shared by every dispatcher and event
+    loop after it. A thread reads its answers and hands each to the loop of the worker it is about."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # one request (send, then its place in line) at a time
+        self._conn: Connection | None = None
+        self._starting: collections.deque[_Forked] = collections.deque()
+        self._forked: dict[int, _Forked] = {}
+
+    async def fork(self, device: str, log_path: Path, env: dict[str, str]) -> _Forked:
+        forked = _Forked(asyncio.get_running_loop())
+        child_in, bot_in = os.pipe()
+        bot_out, child_out = os.pipe()
+        # Sent as connections, so multiprocessing hands the template the descriptors themselves.
+        ends = (Connection(child_in, writable=False), Connection(child_out, readable=False))
+        try:
+            # Off the event loop: the first call starts the template (a fresh interpreter).
+            await asyncio.to_thread(self._send, forked, (*ends, str(log_path), env, device))
+        finally:
+            for end in ends:
+                end.close()
+        await forked.started  # the first answer waits for the template's imports, in the template
+        await forked.connect(bot_in, bot_out)
+        return forked
+
+    def _send(self, forked: _Forked, request: tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._conn is None:
+                # spawn: a fresh interpreter, never a fork of this threaded process
+                context = multiprocessing.get_context("spawn")
+                conn, theirs = context.Pipe()
+                context.Process(target=template.serve, args=(theirs,), name="worker template").start()
+                theirs.close()
+                threading.Thread(target=self._hear, args=(conn,), name="worker template", daemon=True).start()
+                self._conn = conn
+                # Before multiprocessing's own exit handler, which waits for the template to end.
+                atexit.register(conn.close)
+            self._starting.append(forked)
+            self._conn.send(request)
+
+    def _hear(self, conn: Connection) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                if message[0] == "started":
+                    forked = self._starting.popleft()
+                    self._forked[message[1]] = forked
+                    forked.call(forked.start, message[1])
+                else:
+                    _, pid, code = message
+                    forked = self._forked.pop(pid)
+                    forked.call(forked.end, code)
+        # The template is gone. Its workers got SIGTERM, which cancels a job but leaves a worker
+        # waiting for the next: they are stopped here, and a next fork starts a new template.
+        with self._lock:
+            for forked in self._starting:
+                forked.call(forked.fail, RuntimeError("the worker template process died"))
+            for forked in self._forked.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(forked.pid, signal.SIGKILL)
+                forked.call(forked.end, -signal.SIGKILL)
+            self._starting.clear()
+            self._forked.clear()
+            if self._conn is conn:
+                self._conn = None
 
 
-def _warm_template() -> multiprocessing.context.ForkServerContext | None:
-    """The forkserver that CPU workers fork from, with ``runner.warm`` imported; None where there
-    is no forkserver (not Linux), and CPU workers start fresh like GPU ones."""
-    if sys.platform != "linux":
-        return None
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([WARM_MODULE])
-    return context
-
-
-def _forked_worker(
-    stdin: Connection, stdout: Connection, log_path: str, env: dict[str, str], device: str
-) -> None:
-    """A CPU worker's body in the process forked from the template: ``runner.worker``'s main on
-    the pipes, log and environment the bot gave it, as an exec'd worker has them."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    for fd, std in ((stdin.fileno(), 0), (stdout.fileno(), 1), (log_fd, 2)):
-        os.dup2(fd, std)
-    stdin.close(), stdout.close(), os.close(log_fd)
-    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 (they live as long as the process)
-    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
-    os.environ.clear()
-    os.environ.update(env)
-    _die_with_parent()  # the template's child: the template exits when the bot does
-    sys.argv = [WARM_MODULE, device]
-    runpy.run_module("runner.worker", run_name="__main__", alter_sys=True)
+_TEMPLATE = _Template()
 
 
 class _Forked:
     """A worker forked from the template, with the part of ``asyncio.subprocess.Process`` that
-    ``_Child`` uses (the template, not the bot, is its parent: the return code comes through
-    multiprocessing's sentinel)."""
+    ``_Child`` uses."""
 
-    def __init__(
-        self,
-        process: multiprocessing.process.BaseProcess,
-        stdin: asyncio.StreamWriter,
-        stdout: asyncio.StreamReader,
-    ):
-        self.process, self.stdin, self.stdout = process, stdin, stdout
-        self.pid = process.pid
-        loop = asyncio.get_running_loop()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pid = 0
+        self.started: asyncio.Future[int] = loop.create_future()
         self._ended: asyncio.Future[int] = loop.create_future()
-        loop.add_reader(process.sentinel, self._on_end)
 
-    @classmethod
-    async def start(
-        cls,
-        context: multiprocessing.context.ForkServerContext,
-        device: str,
-        log_path: Path,
-        env: dict[str, str],
-    ) -> _Forked:
-        loop = asyncio.get_running_loop()
-        child_in, bot_in = os.pipe()
-        bot_out, child_out = os.pipe()
-        ends = (Connection(child_in, writable=False), Connection(child_out, readable=False))
-        # daemon: multiprocessing stops it when the bot exits without closing its workers
-        process = context.Process(
-            target=_forked_worker,
-            args=(*ends, str(log_path), env, device),
-            name=f"worker {device}",
-            daemon=True,
+    def call(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn(*args)`` on this worker's event loop, from the template's reading thread."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        self.started.set_result(pid)
+
+    def fail(self, error: Exception) -> None:
+        self.started.set_exception(error)
+
+    def end(self, code: int) -> None:
+        if not self._ended.done():
+            self._ended.set_result(code)
+
+    async def connect(self, stdin_fd: int, stdout_fd: int) -> None:
+        self.stdout = asyncio.StreamReader(limit=_LINE_LIMIT)
+        await self.loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self.stdout),
+            open(stdout_fd, "rb", 0),  # noqa: SIM115
         )
-        try:
-            # The first start waits for the template's imports: off the event loop.
-            await asyncio.to_thread(process.start)
-        finally:
-            for end in ends:
-                end.close()  # the template has sent them on; the child holds its copies
-        stdout = asyncio.StreamReader(limit=_LINE_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), open(bot_out, "rb", 0))  # noqa: SIM115
-        transport, protocol = await loop.connect_write_pipe(
+        transport, protocol = await self.loop.connect_write_pipe(
             asyncio.streams.FlowControlMixin,
-            open(bot_in, "wb", 0),  # noqa: SIM115
+            open(stdin_fd, "wb", 0),  # noqa: SIM115
         )
-        stdin = asyncio.StreamWriter(transport, protocol, None, loop)
-        return cls(process, stdin, stdout)
-
-    def _on_end(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.process.sentinel)
-        self.process.join()  # reads the return code the template wrote; the process has ended
-        self._ended.set_result(self.process.exitcode)
+        self.stdin = asyncio.StreamWriter(transport, protocol, None, self.loop)
 
     @property
     def returncode(self) -> int | None:
@@ -171,7 +192,7 @@ class _Child:
         log_path: Path,
         inbox: asyncio.Queue[Message],
         env: dict[str, str],
-        template: multiprocessing.context.ForkServerContext | None = None,
+        template: _Template | None = None,
     ):
         """``template``: fork the worker from it (``command``'s last item is the device) instead
         of running ``command``."""
@@ -186,7 +207,7 @@ class _Child:
     async def spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.template is not None:
-            self.proc = await _Forked.start(self.template, self.command[-1], self.log_path, self.env)
+            self.proc = await self.template.fork(self.command[-1], self.log_path, self.env)
         else:
             with open(self.log_path, "ab") as log_file:
                 self.proc = await asyncio.create_subprocess_exec(
@@ -196,7 +217,7 @@ class _Child:
                     stderr=log_file,
                     limit=_LINE_LIMIT,
                     env=self.env,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=template.die_with_parent,
                 )
         self.started = time.monotonic()
         self.ready = True
@@ -267,7 +288,8 @@ class LocalDispatcher:
         """``program``: what runs as a worker, given its device as the last argument (tests run a
         worker whose output they control)."""
         self.log_dir = log_dir
-        self.template = None if program else _warm_template()
+        warm = not program and "cpu" in devices and sys.platform == "linux"  # Linux: fork, prctl
+        self.template = _TEMPLATE if warm else None
         self.program = program or [sys.executable, "-m", "runner.worker"]
         self.workers = [f"{i}:{d}" for i, d in enumerate(devices)]
         self.devices = dict(zip(self.workers, devices, strict=True))
