@@ -21,6 +21,7 @@ from ..config import TOKEN_ENV, Config, ConfigError
 from ..scheduler import Scheduler
 from ..web import WebServer
 from . import admin, epochs, gen, loras, train
+from .acks import AckFirst
 from .common import DEFAULT_UPLOAD_LIMIT, ServedTree
 from .delivery import Courier
 from .progress import Coalescer
@@ -54,6 +55,7 @@ class LoracordBot(commands.Bot):
         self.upload_limit = DEFAULT_UPLOAD_LIMIT  # updated from each interaction's attachment_size_limit
         self.edits = Coalescer(self, cfg.discord.progress_seconds, cfg.discord.retry_max_seconds)
         self.courier = Courier(self)
+        self.acks = AckFirst()
         # Members' names as they last used the bot: the owner's web page shows names, not ids,
         # without the privileged members intent or a write per interaction.
         self.names: dict[str, str] = {}

@@ -37,6 +37,8 @@ async def served(ix: discord.Interaction) -> bool:
     bot = bot_of(ix)
     if bot.cfg.discord.serves(ix.guild_id):
         bot.names[str(ix.user.id)] = ix.user.display_name  # for the owner's web page; memory only
+        if ix.type is not discord.InteractionType.autocomplete:  # answered by discord.py, at once
+            bot.acks.arrived(ix.id)
         return True
     if ix.type is discord.InteractionType.autocomplete:
         await ix.response.autocomplete([])
@@ -59,17 +61,20 @@ class ServedTree(discord.app_commands.CommandTree):
 
 def _acked(ix: discord.Interaction) -> None:
     bot = bot_of(ix)
+    bot.acks.acked(ix.id)
     bot.upload_limit = ix.filesize_limit
     bot.web.metrics.observe_ack(max(time.time() - ix.created_at.timestamp(), 0.0))
 
 
 async def defer(ix: discord.Interaction, *, ephemeral: bool = True, update: bool = False) -> None:
-    """Acknowledge now (the 3 s rule); the answer follows as an edit or a followup."""
+    """Acknowledge now (the 3 s rule); the answer follows as an edit or a followup, once the
+    interactions that came in meanwhile are acknowledged too (``acks.AckFirst``)."""
     if update:
         await ix.response.defer()
     else:
         await ix.response.defer(ephemeral=ephemeral, thinking=True)
     _acked(ix)
+    await bot_of(ix).acks.settled()
 
 
 async def say(ix: discord.Interaction, text: str, *, ephemeral: bool = True, **kwargs: object) -> None:

@@ -89,12 +89,15 @@ class _Template:
                 # spawn: a fresh interpreter, never a fork of this threaded process
                 context = multiprocessing.get_context("spawn")
                 conn, theirs = context.Pipe()
-                context.Process(target=template.serve, args=(theirs,), name="worker template").start()
+                process = context.Process(target=template.serve, args=(theirs,), name="worker template")
+                process.start()
                 theirs.close()
                 threading.Thread(target=self._hear, args=(conn,), name="worker template", daemon=True).start()
                 self._conn = conn
-                # Before multiprocessing's own exit handler, which waits for the template to end.
-                atexit.register(conn.close)
+                # Runs before multiprocessing's exit handler, which waits for the template to end:
+                # the dispatchers have stopped their workers by then, and the template may still
+                # be importing, when it would not read that the connection ended.
+                atexit.register(process.terminate)
             self._starting.append(forked)
             self._conn.send(request)
 
