@@ -202,23 +202,10 @@ def plan(args: argparse.Namespace) -> list[Step]:
     for fam in args.families:
         steps += speed_steps(fam, p, work / f"{args.profile}-{fam}")
     # Issue 17: loracord against the bare model, side by side in one process each.
-    work_arg = ["--work", str(work)]
-    steps.append(
-        Step(
-            "train overhead",
-            ["-m", "bench.train_overhead", *p["train_overhead"], *work_arg],
-            p["overhead_timeout"],
-            metric="train_overhead",
-        )
-    )
-    steps.append(
-        Step(
-            "gen overhead",
-            ["-m", "bench.gen_overhead", *p["gen_overhead"], *work_arg],
-            p["overhead_timeout"],
-            metric="gen_overhead",
-        )
-    )
+    for kind in ("train", "gen"):
+        metric = f"{kind}_overhead"
+        command = ["-m", f"bench.{metric}", *p[metric], "--work", str(work)]
+        steps.append(Step(f"{kind} overhead", command, p["overhead_timeout"], metric=metric))
     steps.append(Step("intake", ["-m", "bench.intake", *p["intake"]], 300, metric="intake"))
     steps.append(Step("caption florence2", ["-m", "bench.caption", *p["caption"]], 420, metric="caption"))
     for members in p["scheduler_members"]:

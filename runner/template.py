@@ -2,7 +2,7 @@
 
 torch, diffusers, transformers and peft take about ten seconds to import on a small CPU. The bot
 starts one template process (``bot/dispatch/local.py``), which imports what a worker needs once
-(``runner.warm``) and then forks a CPU worker whenever the bot asks: a worker, first or started
+(``runner/warm.py``) and then forks a CPU worker whenever the bot asks: a worker, first or started
 again after it died, is ready at once. The template is the workers' parent, so it tells the bot
 how each one ended. GPU workers are not forked: CUDA does not survive a fork once the parent has
 touched it, and importing bitsandbytes (through diffusers) does.
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import importlib
 import multiprocessing
 import os
 import runpy
 import signal
 import sys
 from multiprocessing.connection import Connection, wait
-
-WARM_MODULE = "runner.warm"
 
 
 def die_with_parent() -> None:
@@ -35,11 +32,22 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def threads_from_env() -> None:
+    """torch's thread count from this process's OMP_NUM_THREADS: OpenMP read the template's
+    environment when torch loaded there."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch  # loaded already: the template imported it
+
+        torch.set_num_threads(int(threads))
+
+
 def serve(requests: Connection) -> None:
     """The template's life: import, then fork workers until the connection ends, which it does when
     the bot exits, even killed with -9. (Not PR_SET_PDEATHSIG: that follows the thread that started
     the template, and the bot starts it from a thread that ends.)"""
-    importlib.import_module(WARM_MODULE)
+    from . import warm  # noqa: F401 (imported for the workers forked below)
+
     fork = multiprocessing.get_context("fork")
     children: dict[int, multiprocessing.process.BaseProcess] = {}  # sentinel -> worker
     while True:
@@ -80,6 +88,7 @@ def _worker(stdin: int, stdout: int, log_path: str, env: dict[str, str], device:
     sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.clear()
     os.environ.update(env)
+    threads_from_env()
     die_with_parent()
     sys.argv = ["runner.worker", device]
     runpy.run_module("runner.worker", run_name="__main__", alter_sys=True)

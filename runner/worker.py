@@ -15,7 +15,6 @@ worker's own preparation raises, stamped with the job's own compute time (`runne
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -297,16 +296,7 @@ def serve(stdin: TextIO, stdout: TextIO, device: str | None = None) -> None:
         thread.join()
 
 
-def _threads_from_env() -> None:
-    # A worker forked from the bot's warm template (bot/dispatch/local.py) has torch loaded with
-    # the template's thread count, which OpenMP read from the template's environment.
-    threads, torch = os.environ.get("OMP_NUM_THREADS", ""), sys.modules.get("torch")
-    if threads.isdigit() and int(threads) > 0 and torch is not None:
-        torch.set_num_threads(int(threads))
-
-
 if __name__ == "__main__":
-    _threads_from_env()
     events_out = sys.stdout
     sys.stdout = sys.stderr  # a library's print() goes to the log, not into the event stream
     serve(sys.stdin, events_out, sys.argv[1] if len(sys.argv) > 1 else None)

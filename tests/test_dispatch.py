@@ -277,12 +277,12 @@ def test_cpu_workers_fork_from_one_warm_template_and_a_gpu_worker_starts_fresh(t
 def test_a_forked_worker_takes_its_thread_count_from_its_own_environment(monkeypatch):
     import torch
 
-    from runner import worker
+    from runner import template
 
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     try:
-        worker._threads_from_env()
+        template.threads_from_env()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -307,8 +307,8 @@ class LocalDispatcher:
             if device == "cpu":
                 env.setdefault("OMP_NUM_THREADS", threads)
             log_path = self.log_dir / f"worker-{name.replace(':', '-')}.log"
-            template = self.template if device == "cpu" else None
-            child = _Child(name, [*self.program, device], log_path, inbox, env, template)
+            warm = self.template if device == "cpu" else None
+            child = _Child(name, [*self.program, device], log_path, inbox, env, warm)
             self.children[name] = child
         await asyncio.gather(*(c.spawn() for c in self.children.values()))
 
